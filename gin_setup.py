@@ -1,0 +1,78 @@
+"""T5X-style gin flags shared by the CLI entry points (train, eval, infer, export)."""
+
+import argparse
+import os
+import sys
+
+import gin
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(ValueError):
+  """A bad command line or gin configuration; the CLI prints it on one line."""
+
+
+def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
+  """Parses T5X flags; `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable), searched in --gin_search_paths")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="gin binding 'NAME = VALUE' (repeatable)")
+  parser.add_argument("--gin_search_paths", default="",
+                      help="comma-separated directories searched for gin files")
+  parser.add_argument("--tfds_data_dir", default=None, help="local TFDS data directory")
+  parser.add_argument("--coordinator_address", default=None, help="multi-host: HOST:PORT")
+  parser.add_argument("--process_count", type=int, default=1, help="multi-host: host count")
+  parser.add_argument("--process_index", type=int, default=0, help="multi-host: this host")
+  gin_args = [a for a in argv if a.startswith("--gin.")]
+  args, unknown = parser.parse_known_args([a for a in argv if not a.startswith("--gin.")])
+  if unknown:
+    raise ConfigError(f"unknown flag(s) {unknown}; see --help.")
+  for arg in gin_args:
+    name, sep, value = arg[len("--gin."):].partition("=")
+    if not sep:
+      raise ConfigError(f"{arg!r} needs a value: --gin.{name}=VALUE.")
+    args.gin_bindings.append(f"{name} = {value}")
+  return args
+
+
+def _find_gin_file(name: str, search: list[str]) -> str:
+  for directory in search:
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  raise ConfigError(f"gin file {name!r} not found in {search}; check --gin_file or "
+                    "add its directory to --gin_search_paths.")
+
+
+def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
+  """Parses gin files and bindings; fails if a required macro has no value."""
+  search = [os.getcwd(), PACKAGE_DIR] + [p for p in args.gin_search_paths.split(",") if p]
+  for path in search:
+    gin.add_config_file_search_path(path)
+  if not args.gin_file:
+    raise ConfigError("no --gin_file given; e.g. --gin_file=gin_configs/runs/pretrain.gin.")
+  try:
+    files = [_find_gin_file(f, search) for f in args.gin_file]
+    gin.parse_config_files_and_bindings(files, args.gin_bindings)
+  except (ValueError, KeyError, IOError) as e:
+    raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
+  for name in required_macros:
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except ValueError:
+      value = gin.REQUIRED
+    if repr(value) == "%gin.REQUIRED":  # the unresolved reference gin keeps for it
+      raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
+
+
+def run_cli(main, argv=None) -> None:
+  """Runs `main(argv)`, turning configuration errors into one line and exit status 2."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    main(argv)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,37 @@
+"""Analytic training FLOPs (forward + backward = 3 x forward matmul FLOPs), used for MFU."""
+
+from ul2x.model.config import TransformerConfig
+
+
+def _layer_flops_per_token(cfg: TransformerConfig, kv_len: int) -> int:
+  """Forward FLOPs per token of one self-attention + MLP layer attending over kv_len."""
+  hd = cfg.num_heads * cfg.head_dim
+  projections = 2 * 4 * cfg.emb_dim * hd  # q, k, v, out
+  scores = 2 * 2 * hd * kv_len  # q.k and weights.v
+  mlp = 2 * 3 * cfg.emb_dim * cfg.mlp_dim  # wi_0, wi_1, wo
+  return projections + scores + mlp
+
+
+def training_flops_per_example(cfg: TransformerConfig, lengths: dict[str, int]) -> int:
+  """Training FLOPs of one example with model feature lengths `lengths`
+  (`encoder_input_tokens`, `decoder_input_tokens`), counting full (unmasked) attention."""
+  hd = cfg.num_heads * cfg.head_dim
+  dec_len = lengths["decoder_input_tokens"]
+  logits = 2 * cfg.emb_dim * cfg.vocab_size * dec_len
+  decoder = cfg.num_decoder_layers * dec_len * _layer_flops_per_token(cfg, dec_len)
+  forward = logits + decoder
+  if cfg.architecture == "encoder_decoder":
+    enc_len = lengths["encoder_input_tokens"]
+    forward += cfg.num_encoder_layers * enc_len * _layer_flops_per_token(cfg, enc_len)
+    cross_q_out = 2 * 2 * cfg.emb_dim * hd * dec_len + 2 * 2 * hd * enc_len * dec_len
+    cross_kv = 2 * 2 * cfg.emb_dim * hd * enc_len
+    forward += cfg.num_decoder_layers * (cross_q_out + cross_kv)
+  return 3 * forward
+
+
+def tokens_per_example(cfg: TransformerConfig, lengths: dict[str, int]) -> int:
+  """Tokens the model reads per example (encoder + decoder positions)."""
+  tokens = lengths["decoder_input_tokens"]
+  if cfg.architecture == "encoder_decoder":
+    tokens += lengths["encoder_input_tokens"]
+  return tokens

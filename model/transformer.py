@@ -1,0 +1,209 @@
+"""T5 v1.1 / UL2 encoder-decoder and decoder-only (causal or prefix-LM) transformers.
+
+Both take a batch of seqio feature-converter features and return float32
+logits [batch, length, vocab]. Packed batches carry segment ids and positions;
+unpacked ones get them from the non-padding tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ul2x.model.attention import MultiHeadAttention
+from ul2x.model.config import TransformerConfig
+from ul2x.model.layers import Dense, Embed, GatedMLP, RMSNorm, dropout
+from ul2x.model.position import RelativePositionBias
+from ul2x.partitioning import constrain
+
+_ACT = ("batch", "length", "embed")
+
+
+def _split(key, n):
+  return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class TransformerLayer(nnx.Module):
+  """Pre-norm layer: self-attention, optional cross-attention, gated MLP, each residual."""
+
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+    dt = cfg.activation_dtype
+    self.self_attention_norm = RMSNorm(cfg.emb_dim, dtype=dt)
+    self.self_attention = MultiHeadAttention(cfg, causal=causal, rngs=rngs)
+    if cross:
+      self.cross_attention_norm = RMSNorm(cfg.emb_dim, dtype=dt)
+      self.cross_attention = MultiHeadAttention(cfg, causal=False, rngs=rngs)
+    self.cross = cross
+    self.mlp_norm = RMSNorm(cfg.emb_dim, dtype=dt)
+    self.mlp = GatedMLP(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate,
+                        dtype=dt, rngs=rngs)
+    self.dropout_rate = cfg.dropout_rate
+
+  def __call__(self, x, ctx: dict, key=None):
+    """x: [batch, length, embed]; ctx holds segment ids, positions, bias, encoder output."""
+    k_attn, k_cross, k_mlp, k_out = _split(key, 4)
+    h = self.self_attention_norm(x)
+    h = self.self_attention(
+        h, h, q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"],
+        q_positions=ctx["positions"], kv_positions=ctx["positions"],
+        q_prefix=ctx.get("prefix"), kv_prefix=ctx.get("prefix"), bias=ctx.get("bias"))
+    x = constrain(x + dropout(h, self.dropout_rate, k_attn), _ACT)
+    if self.cross:
+      h = self.cross_attention(
+          self.cross_attention_norm(x), ctx["encoded"], q_segment_ids=ctx["segment_ids"],
+          kv_segment_ids=ctx["encoded_segment_ids"], q_positions=ctx["positions"],
+          kv_positions=ctx["encoded_positions"])
+      x = constrain(x + dropout(h, self.dropout_rate, k_cross), _ACT)
+    h = self.mlp(self.mlp_norm(x), k_mlp)
+    return constrain(x + dropout(h, self.dropout_rate, k_out), _ACT)
+
+
+def _prefix_axes(module: nnx.Module, name: str):
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Variable) and node.get_metadata().get("axes") is not None:
+      node.set_metadata("axes", (name,) + tuple(node.get_metadata()["axes"]))
+
+
+class LayerStack(nnx.Module):
+  """`num_layers` identical layers, as a Python list or stacked and scanned over,
+  each optionally rematerialised in the backward pass."""
+
+  def __init__(self, make_layer, num_layers: int, *, scan: bool, remat: bool,
+               rngs: nnx.Rngs):
+    self.num_layers = num_layers
+    self.scan = scan
+    self.remat = remat
+    if scan:
+      create = nnx.vmap(lambda key: make_layer(nnx.Rngs(params=key)), in_axes=0, out_axes=0)
+      self.layers = create(jax.random.split(rngs.params(), num_layers))
+      _prefix_axes(self.layers, "layers")
+    else:
+      self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+  def __call__(self, x, ctx: dict, key=None):
+    keys = None if key is None else jax.random.split(key, self.num_layers)
+    if not self.scan:
+      apply = nnx.remat(lambda layer, x, k: layer(x, ctx, k)) if self.remat else (
+          lambda layer, x, k: layer(x, ctx, k))
+      for i, layer in enumerate(self.layers):
+        x = apply(layer, x, None if keys is None else keys[i])
+      return x
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x, xs):
+      layer_state, k = xs
+      return nnx.merge(graphdef, layer_state)(x, ctx, k), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, (state, keys))
+    return x
+
+
+def _segments_positions(batch, prefix: str, tokens):
+  """Segment ids and positions from a packed batch, or derived from non-padding tokens."""
+  seg = batch.get(f"{prefix}_segment_ids")
+  pos = batch.get(f"{prefix}_positions")
+  if seg is None:
+    seg = (tokens > 0).astype(jnp.int32)
+  if pos is None:
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return seg, pos
+
+
+class _Output(nnx.Module):
+  """Final norm and the float32 logits projection (tied to the embedding or not)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.norm = RMSNorm(cfg.emb_dim, dtype=cfg.activation_dtype)
+    self.tied = cfg.tie_embeddings
+    self.emb_dim = cfg.emb_dim
+    self.dropout_rate = cfg.dropout_rate
+    if not self.tied:
+      self.logits = Dense([cfg.emb_dim], [cfg.vocab_size], ("embed", "vocab"),
+                          dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, x, embed: Embed, key=None):
+    x = dropout(self.norm(x), self.dropout_rate, key)
+    if self.tied:  # T5 rescales tied logits by 1/sqrt(d_model).
+      logits = embed.attend(x) / jnp.sqrt(self.emb_dim)
+    else:
+      logits = self.logits(x)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+class EncoderDecoder(nnx.Module):
+  """T5 v1.1 / UL2 encoder-decoder with a shared token embedding."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    stack = dict(scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    self.embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype, rngs=rngs)
+    self.encoder_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                             cfg.num_heads, True, rngs=rngs)
+    self.encoder = LayerStack(
+        lambda r: TransformerLayer(cfg, causal=False, cross=False, rngs=r),
+        cfg.num_encoder_layers, **stack)
+    self.encoder_norm = RMSNorm(cfg.emb_dim, dtype=cfg.activation_dtype)
+    self.decoder_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                             cfg.num_heads, False, rngs=rngs)
+    self.decoder = LayerStack(
+        lambda r: TransformerLayer(cfg, causal=True, cross=True, rngs=r),
+        cfg.num_decoder_layers, **stack)
+    self.output = _Output(cfg, rngs=rngs)
+
+  def encode(self, batch, key=None):
+    """-> (encoded [batch, enc_len, embed], segment ids, positions)."""
+    tokens = batch["encoder_input_tokens"]
+    seg, pos = _segments_positions(batch, "encoder", tokens)
+    k_emb, k_layers, k_out = _split(key, 3)
+    x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
+    ctx = dict(segment_ids=seg, positions=pos, bias=self.encoder_bias(pos, pos))
+    x = self.encoder(constrain(x, _ACT), ctx, k_layers)
+    x = dropout(self.encoder_norm(x), self.cfg.dropout_rate, k_out)
+    return x, seg, pos
+
+  def __call__(self, batch, *, dropout_key=None):
+    """batch: seqio EncDecFeatureConverter features -> logits [batch, dec_len, vocab]."""
+    k_enc, k_emb, k_layers, k_out = _split(dropout_key, 4)
+    encoded, enc_seg, enc_pos = self.encode(batch, k_enc)
+    seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
+    x = dropout(self.embed(batch["decoder_input_tokens"]), self.cfg.dropout_rate, k_emb)
+    ctx = dict(segment_ids=seg, positions=pos, bias=self.decoder_bias(pos, pos),
+               encoded=encoded, encoded_segment_ids=enc_seg, encoded_positions=enc_pos)
+    x = self.decoder(constrain(x, _ACT), ctx, k_layers)
+    return self.output(x, self.embed, k_out)
+
+
+class DecoderOnly(nnx.Module):
+  """Decoder-only LM: causal, or prefix-LM when the batch has `decoder_causal_attention`
+  (bidirectional attention over the prefix, as seqio's PrefixLMFeatureConverter marks it)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype, rngs=rngs)
+    if cfg.position == "relative":
+      self.decoder_bias = RelativePositionBias(
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, False, rngs=rngs)
+    self.decoder = LayerStack(
+        lambda r: TransformerLayer(cfg, causal=True, cross=False, rngs=r),
+        cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    self.output = _Output(cfg, rngs=rngs)
+
+  def __call__(self, batch, *, dropout_key=None):
+    """batch: seqio decoder / prefix-LM features -> logits [batch, length, vocab]."""
+    k_emb, k_layers, k_out = _split(dropout_key, 3)
+    seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
+    x = dropout(self.embed(batch["decoder_input_tokens"]), self.cfg.dropout_rate, k_emb)
+    ctx = dict(segment_ids=seg, positions=pos)
+    if "decoder_causal_attention" in batch:
+      ctx["prefix"] = batch["decoder_causal_attention"]
+    if self.cfg.position == "relative":
+      ctx["bias"] = self.decoder_bias(pos, pos)
+    x = self.decoder(constrain(x, _ACT), ctx, k_layers)
+    return self.output(x, self.embed, k_out)
+
+
+def build_model(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The model class for `cfg.architecture`."""
+  cls = EncoderDecoder if cfg.architecture == "encoder_decoder" else DecoderOnly
+  return cls(cfg, rngs=rngs)

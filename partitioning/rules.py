@@ -1,0 +1,69 @@
+"""Logical-axis rules (T5X vocabulary) and their mapping to mesh PartitionSpecs."""
+
+import gin
+from jax.sharding import PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+
+
+@gin.configurable
+def standard_logical_axis_rules() -> list[tuple[str, str | tuple[str, ...] | None]]:
+  """Default rules: (logical name, mesh axis or axes), first usable match wins.
+
+  A rule is usable when none of its mesh axes is already taken by an earlier
+  dimension of the same array and the mesh size divides the dimension. Params
+  are sharded over `fsdp` on `embed` and over `tensor` on heads/mlp/vocab;
+  activations over `data`+`fsdp`+`expert` on batch and `sequence` on length.
+  """
+  return [
+      ("batch", ("data", "fsdp", "expert")),
+      ("length", "sequence"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("embed", "fsdp"),
+      ("expert", "expert"),
+      ("kv", None),
+      ("relpos_buckets", None),
+      ("layers", None),
+  ]
+
+
+def _as_tuple(axes):
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(names, rules, mesh_shape: dict[str, int], shape=None) -> PartitionSpec:
+  """Maps logical axis names (one per dim, None allowed) to a PartitionSpec.
+
+  `mesh_shape` maps mesh axis name -> size. With `shape`, a mesh axis whose
+  size does not divide the dimension is dropped (that dim stays replicated).
+  Unknown logical names raise, so a typo cannot silently replicate a tensor.
+  """
+  known = {name for name, _ in rules}
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    if name is not None and name not in known:
+      raise ValueError(
+          f"logical axis {name!r} has no partitioning rule; add (\"{name}\", mesh_axis) "
+          f"to the rules (known: {sorted(known)}).")
+    chosen = []
+    for rule_name, axes in rules:
+      if rule_name != name:
+        continue
+      size = 1
+      for a in _as_tuple(axes):
+        fits = shape is None or shape[dim] % (size * mesh_shape.get(a, 1)) == 0
+        if mesh_shape.get(a, 1) > 1 and a not in used and fits:
+          chosen.append(a)
+          size *= mesh_shape[a]
+      if chosen:
+        break
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return PartitionSpec(*spec)

@@ -1,0 +1,89 @@
+"""Shardings for parameters, optimizer state, batches, and activation constraints."""
+
+import contextlib
+import threading
+
+import jax
+import optax
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ul2x.partitioning.rules import logical_to_spec
+
+_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules):
+  """While active, `constrain` pins activations to shardings from `rules` on `mesh`."""
+  previous = getattr(_CONTEXT, "value", None)
+  _CONTEXT.value = (mesh, rules)
+  try:
+    yield
+  finally:
+    _CONTEXT.value = previous
+
+
+def constrain(x, names):
+  """Sharding constraint by logical axis names; a no-op outside `axis_rules`."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def logical_axes(state: nnx.State) -> dict:
+  """Pure dict (like `state.to_pure_dict()`) of each variable's `axes` metadata or None."""
+  flat = {path: var.get_metadata().get("axes") for path, var in state.flat_state()}
+  return traverse_util.unflatten_dict(flat)
+
+
+def param_specs(abstract_params, axes, mesh: Mesh, rules):
+  """PartitionSpecs for a (pure dict) param tree given matching logical axes."""
+  mesh_shape = dict(mesh.shape)
+
+  def spec(x, names):
+    if names is None:
+      return PartitionSpec()
+    if len(names) != x.ndim:
+      raise ValueError(f"axes {names} do not match a parameter of shape {x.shape}.")
+    return logical_to_spec(names, rules, mesh_shape, x.shape)
+
+  return jax.tree.map(spec, abstract_params, axes,
+                      is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
+def _derived_spec(leaf, param, spec: PartitionSpec) -> PartitionSpec:
+  """The spec of an optimizer-state leaf that mirrors (or factors) a parameter."""
+  if not hasattr(leaf, "shape"):
+    return PartitionSpec()
+  full = tuple(spec) + (None,) * (len(param.shape) - len(spec))
+  if leaf.shape == param.shape:
+    return spec
+  if leaf.ndim == param.ndim - 1:  # factored second moments drop one dim
+    for i in range(param.ndim):
+      if param.shape[:i] + param.shape[i + 1:] == leaf.shape:
+        return PartitionSpec(*(full[:i] + full[i + 1:]))
+  return PartitionSpec()
+
+
+def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, abstract_params,
+                    specs):
+  """Optimizer-state specs: param-shaped leaves follow their parameter, the rest replicate."""
+  return optax.tree_map_params(
+      tx, lambda leaf, p, s: _derived_spec(leaf, p, s), abstract_opt_state,
+      abstract_params, specs, transform_non_params=lambda _: PartitionSpec(),
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def to_named(specs, mesh: Mesh):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_spec(rules, mesh: Mesh, ndim: int = 2) -> PartitionSpec:
+  """Spec of a [batch, length, ...] input array."""
+  names = ("batch", "length") + (None,) * (ndim - 2)
+  return logical_to_spec(names[:ndim], rules, dict(mesh.shape))

@@ -1,0 +1,44 @@
+"""Orbax checkpoints of the train state plus the input pipeline's position."""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Periodic, final and keep-N (optionally async) saves under `directory`.
+
+  Each checkpoint holds the train state and, as JSON, the number of batches
+  each host has consumed, so a resumed job continues with the next batch.
+  """
+
+  def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(int(save_interval_steps), 1), max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_position: dict, *, force: bool = False) -> bool:
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_position)), force=force)
+
+  def restore(self, step: int, abstract_state, shardings):
+    """-> (state placed with `shardings`, data position dict)."""
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+        shardings)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                      data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,90 @@
+"""Training metrics: TensorBoard events, console progress lines, peak FLOPs for MFU."""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import tensorflow as tf
+
+# Dense bf16 peak FLOP/s per device from vendor data sheets.
+_PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+  """FLOP/s of one device on an n x n matmul: the CPU 'peak' used for MFU."""
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    a = matmul(a)
+  a.block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops_per_device() -> float:
+  """Vendor peak for known accelerators, else a measured matmul rate."""
+  kind = jax.devices()[0].device_kind
+  for name, flops in _PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return measured_matmul_flops()
+
+
+class MetricsWriter:
+  """TensorBoard scalars under `directory` (only process 0 writes)."""
+
+  def __init__(self, directory: str):
+    self.writer = (tf.summary.create_file_writer(directory)
+                   if jax.process_index() == 0 else None)
+
+  def write(self, step: int, scalars: dict):
+    if self.writer is None:
+      return
+    with self.writer.as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, float(value), step=step)
+    self.writer.flush()
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """Throughput since the last report and the console line."""
+
+  def __init__(self, total_steps: int, tokens_per_step: int, flops_per_step: float,
+               peak_flops: float):
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops * jax.device_count()
+    self.mark(None)
+
+  def mark(self, step):
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def report(self, step: int, metrics: dict) -> dict:
+    """Adds speed metrics to `metrics`, prints the line, returns the scalars."""
+    now = time.perf_counter()
+    steps = step - self.last_step
+    step_time = (now - self.last_time) / max(steps, 1)
+    self.mark(step)
+    scalars = {k: float(v) for k, v in metrics.items()}
+    scalars.update(step_time=step_time, tokens_per_second=self.tokens_per_step / step_time,
+                   mfu=self.flops_per_step / step_time / self.peak_flops)
+    if jax.process_index() == 0:
+      print(f"step {step}/{self.total_steps}  loss {scalars['loss']:.4f}  "
+            f"acc {scalars['accuracy']:.3f}  lr {scalars['learning_rate']:.2e}  "
+            f"gnorm {scalars['grad_norm']:.3f}  tok/s {scalars['tokens_per_second']:,.0f}  "
+            f"step {step_time * 1e3:.0f} ms  MFU {100 * scalars['mfu']:.1f}%  "
+            f"ETA {_clock(step_time * (self.total_steps - step))}", flush=True)
+    return scalars

@@ -1,0 +1,99 @@
+"""The train state and the pure train / eval step functions (jitted by the loop)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from ul2x import partitioning
+from ul2x.model import build_model
+from ul2x.model.losses import SUM_KEYS, cross_entropy_sums
+
+
+def init_train_state(cfg, tx, mesh, rules, seed: int):
+  """-> (graphdef, init_fn, state shardings). `init_fn()` builds the state
+  {'step', 'params', 'opt_state'}; jit it with the shardings as out_shardings."""
+  abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
+  graphdef, abstract = nnx.split(abstract_model)
+  abstract_params = abstract.to_pure_dict()
+  p_specs = partitioning.param_specs(abstract_params, partitioning.logical_axes(abstract),
+                                     mesh, rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  o_specs = partitioning.opt_state_specs(tx, abstract_opt, abstract_params, p_specs)
+  specs = {"step": PartitionSpec(), "params": p_specs, "opt_state": o_specs}
+
+  def init_fn():
+    params = nnx.state(build_model(cfg, nnx.Rngs(seed))).to_pure_dict()
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  return graphdef, init_fn, partitioning.to_named(specs, mesh)
+
+
+def _sums(graphdef, params, batch, key, z_loss):
+  logits = nnx.merge(graphdef, params)(batch, dropout_key=key)
+  return cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                            batch["decoder_loss_weights"], z_loss)
+
+
+def summarize(sums: dict) -> dict:
+  """Per-token means from token sums."""
+  w = jnp.maximum(sums["weight"], 1.0)
+  return {"loss": sums["loss"] / w, "cross_entropy": sums["cross_entropy"] / w,
+          "z_loss": sums["z_loss"] / w, "accuracy": sums["correct"] / w,
+          "target_tokens": sums["weight"]}
+
+
+def _microbatches(batch, n: int):
+  """[b, ...] -> [n, b/n, ...]; microbatch i takes rows i, i+n, ... so every
+  data shard contributes equally to each microbatch."""
+  return jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: int = 1,
+                    z_loss: float = 1e-4, dropout_seed: int = 0):
+  """train_step(state, batch) -> (state, metrics). The loss is normalized by the
+  number of target tokens in the whole batch, so microbatching changes nothing."""
+  def loss_and_sums(params, batch, key):
+    sums = _sums(graphdef, params, batch, key, z_loss)
+    return sums["loss"], sums
+
+  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+
+  def train_step(state, batch):
+    with partitioning.axis_rules(mesh, rules):
+      params = state["params"]
+      key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+      if num_microbatches == 1:
+        grads, sums = grad_fn(params, batch, key)
+      else:
+        def body(carry, xs):
+          i, micro = xs
+          g, s = grad_fn(params, micro, jax.random.fold_in(key, i))
+          return jax.tree.map(jnp.add, carry, (g, s)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+        (grads, sums), _ = jax.lax.scan(
+            body, zeros, (jnp.arange(num_microbatches), _microbatches(batch, num_microbatches)))
+      grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                   "opt_state": opt_state}
+      metrics = summarize(sums)
+      metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+      return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, *, mesh, rules, z_loss: float = 1e-4):
+  """eval_step(params, batch) -> token sums (add them up over batches, then `summarize`)."""
+
+  def eval_step(params, batch):
+    with partitioning.axis_rules(mesh, rules):
+      return _sums(graphdef, params, batch, None, z_loss)
+
+  return eval_step
