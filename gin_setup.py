@@ -1,6 +1,7 @@
 """T5X-style gin flags shared by the CLI entry points (train, eval, infer, export)."""
 
 import argparse
+import logging
 import os
 import sys
 
@@ -36,6 +37,17 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
       raise ConfigError(f"{arg!r} needs a value: --gin.{name}=VALUE.")
     args.gin_bindings.append(f"{name} = {value}")
   return args
+
+
+class _GinPathNotFoundFilter(logging.Filter):
+  """gin logs 'Path not found' for every search path it tries before the one that
+  holds an included file; those are not errors, a missing file raises anyway."""
+
+  def filter(self, record):
+    return record.msg != "Path not found: %s"
+
+
+logging.getLogger().addFilter(_GinPathNotFoundFilter())
 
 
 def _find_gin_file(name: str, search: list[str]) -> str:

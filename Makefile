@@ -1,0 +1,25 @@
+# Quick start: `make train` (a real training job on CPU) and `make test`.
+# Each target creates .venv and installs what is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_DIR ?= runs/quickstart
+CPU8 := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: train test bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(CPU8) $(PY) -m ul2x.train --gin_file=gin_configs/experiments/quickstart.gin \
+	  --gin.MODEL_DIR="'$(MODEL_DIR)'"
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(CPU8) $(PY) bench/train_step.py

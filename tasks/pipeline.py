@@ -1,0 +1,99 @@
+"""The trainer's input: per-host, packed, batched int32 features from a seqio task or mixture."""
+
+from collections.abc import Mapping
+
+import tensorflow as tf
+
+try:  # tf.data runs on the host CPU; TF must not take GPU memory from JAX.
+  tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # TF was initialised before this import: nothing to hide now.
+  pass
+
+import seqio  # noqa: E402  (after the GPU is hidden)
+
+ARCHITECTURES = ("encoder_decoder", "decoder_only")
+
+
+def feature_converter(architecture: str, pack: bool = True) -> seqio.FeatureConverter:
+  """seqio's converter for `architecture`: EncDec or PrefixLM (decoder-only)."""
+  if architecture == "encoder_decoder":
+    return seqio.EncDecFeatureConverter(pack=pack)
+  if architecture == "decoder_only":
+    return seqio.PrefixLMFeatureConverter(pack=pack)
+  raise ValueError(f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}.")
+
+
+def feature_lengths_for(architecture: str,
+                        task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+  """Model feature name -> length, e.g. decoder-only `decoder_target_tokens` = inputs + targets."""
+  converter = feature_converter(architecture)
+  return dict(converter.get_model_feature_lengths(dict(task_feature_lengths)))
+
+
+def _mixture_or_task(name: str) -> seqio.DatasetProviderBase:
+  names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  if name not in names:
+    raise ValueError(f"unknown seqio task or mixture {name!r}; registered: {', '.join(names)}.")
+  return seqio.get_mixture_or_task(name)
+
+
+def _with_segment_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Adds the packed layout's `*_segment_ids` (1 token, 0 padding) and `*_positions`
+  to an unpacked batch, so the model sees the same features either way. [batch, len]."""
+  batch = dict(batch)
+  for stack, tokens in (("encoder", "encoder_input_tokens"), ("decoder", "decoder_target_tokens")):
+    if tokens in batch:
+      segment_ids = tf.cast(batch[tokens] != 0, tf.int32)
+      batch[f"{stack}_segment_ids"] = segment_ids
+      batch[f"{stack}_positions"] = tf.range(tf.shape(segment_ids)[1])[tf.newaxis] * segment_ids
+  return batch
+
+
+def _check_not_empty(provider: seqio.DatasetProviderBase, task_feature_lengths: Mapping[str, int],
+                     split: str, shard_info: seqio.ShardInfo) -> None:
+  """Raises if the shard yields no example: a repeated empty pipeline would hang the trainer.
+
+  Cannot fail for the embedded corpus (every paragraph yields chunks) with fewer
+  shards than paragraphs; it guards other sources, splits and shard counts.
+  """
+  probe = provider.get_dataset(dict(task_feature_lengths), split=split, use_cached=False,
+                               shuffle=False, shard_info=shard_info, num_epochs=1)
+  if not any(True for _ in probe.take(1)):
+    raise ValueError(
+        f"{provider.name!r} split {split!r} shard {shard_info.index} of {shard_info.num_shards} "
+        "yields no examples; use fewer shards, another split, or check the data source.")
+
+
+def get_dataset(mixture_or_task_name: str, task_feature_lengths: dict[str, int], split: str,
+                batch_size: int, *, architecture: str = "encoder_decoder", pack: bool = True,
+                seed: int | None = 0, shard_index: int = 0, num_shards: int = 1,
+                repeat: bool = True) -> tf.data.Dataset:
+  """This host's batches of model features, each int32 [batch_size, model length].
+
+  Encoder-decoder: `encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+  decoder_loss_weights, encoder_segment_ids, decoder_segment_ids, encoder_positions,
+  decoder_positions`; decoder-only: the `decoder_*` ones plus `decoder_causal_attention`.
+  Lengths are `feature_lengths_for(architecture, task_feature_lengths)`. Unpacked
+  batches get segment ids (1 on tokens, 0 on padding) and positions too.
+
+  `batch_size` is this host's batch. Examples are sharded `shard_index` of `num_shards`
+  before packing. The same `seed` gives the same batches; `seed=None` shuffles and
+  corrupts differently on every call. `repeat=True` cycles forever.
+  """
+  converter = feature_converter(architecture, pack)
+  provider = _mixture_or_task(mixture_or_task_name)
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards}).")
+  if batch_size < 1:
+    raise ValueError(f"batch_size {batch_size} must be at least 1.")
+  shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+  _check_not_empty(provider, task_feature_lengths, split, shard_info)
+  ds = seqio.get_dataset(
+      provider, task_feature_lengths, converter, dataset_split=split, use_cached=False,
+      shuffle=True, num_epochs=None if repeat else 1, shard_info=shard_info, seed=seed,
+      batch_size=batch_size)
+  if not pack:
+    ds = ds.map(_with_segment_ids, num_parallel_calls=tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,190 @@
+"""Tests for ul2x.tasks: corpus, vocabulary, denoisers, task registration and trainer batches."""
+
+import numpy as np
+import pytest
+import seqio
+
+import ul2x.tasks
+from ul2x.tasks import corpus, preprocessors, registry, vocabularies
+
+SMALL = {"inputs": 64, "targets": 32}
+VOCAB = vocabularies.byte_vocabulary()
+FIRST_SENTINEL = vocabularies.sentinel_id(VOCAB, 0)
+LAST_SENTINEL = vocabularies.sentinel_id(VOCAB, vocabularies.NUM_SENTINELS - 1)
+ENC_DEC_FEATURES = {
+    "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+    "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids",
+    "encoder_positions", "decoder_positions"}
+DECODER_FEATURES = {
+    "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+    "decoder_segment_ids", "decoder_positions", "decoder_causal_attention"}
+
+
+def _is_sentinel(token) -> bool:
+  return LAST_SENTINEL <= token <= FIRST_SENTINEL
+
+
+def _train_chunks(chunk_length: int, count: int) -> list[list[int]]:
+  """The first `count` chunks of the train split, in file order, as the tasks cut them."""
+  chunks = []
+  for line in corpus.corpus_lines("train"):
+    tokens = VOCAB.encode(line)
+    chunks += [tokens[i:i + chunk_length] for i in range(0, len(tokens), chunk_length)
+               if len(tokens) - i >= 2]
+    if len(chunks) >= count:
+      return chunks[:count]
+  raise AssertionError(f"the train split has fewer than {count} chunks")
+
+
+def _task_examples(name: str, lengths: dict[str, int], count: int) -> list[dict[str, list[int]]]:
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      lengths, split="train", shuffle=False, seed=0, num_epochs=1)
+  return [{k: v.tolist() for k, v in ex.items()} for ex in ds.take(count).as_numpy_iterator()]
+
+
+def _merge_spans(inputs: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
+  """Undoes span corruption: (original tokens, noise span lengths). No EOS in the arguments."""
+  spans, sentinel = {}, None
+  for token in targets:
+    if _is_sentinel(token):
+      sentinel = token
+      spans[sentinel] = []
+    else:
+      spans[sentinel].append(token)
+  merged = []
+  for token in inputs:
+    merged += spans[token] if _is_sentinel(token) else [token]
+  return merged, [len(spans[t]) for t in inputs if _is_sentinel(t)]
+
+
+def test_corpus_splits_are_real_disjoint_text():
+  train, validation = corpus.corpus_lines("train"), corpus.corpus_lines("validation")
+  assert len(train) > 1000 and len(validation) > 50
+  assert not set(train) & set(validation)
+  assert all(len(line) >= 40 for line in train + validation)
+  assert sum(line.count(" the ") for line in train) > 1000
+  with pytest.raises(ValueError, match="'test'.*'train', 'validation'"):
+    corpus.corpus_lines("test")
+
+
+def test_byte_vocabulary_and_sentinels():
+  assert vocabularies.byte_vocabulary() is VOCAB
+  assert VOCAB.vocab_size == 3 + 256 + 100 and VOCAB.eos_id == 1
+  assert VOCAB.encode("A") == [ord("A") + 3]
+  assert FIRST_SENTINEL == VOCAB.vocab_size - 1 and LAST_SENTINEL == 3 + 256
+  with pytest.raises(ValueError, match="sentinel index 100"):
+    vocabularies.sentinel_id(VOCAB, 100)
+
+
+def test_span_corruption_statistics_and_round_trip():
+  # 128/64 gives chunks of 141 tokens: 21 noise tokens in 7 spans. (64/32 gives 70
+  # tokens with 10 in 3 spans, T5's rounding puts the mean span at 3.33 there.)
+  lengths = {"inputs": 128, "targets": 64}
+  chunk_length = preprocessors.span_corruption_chunk_length(lengths)
+  assert chunk_length == 141
+  originals = _train_chunks(chunk_length, 2000)
+  examples = _task_examples("ul2x_span_corruption", lengths, 2000)
+  assert len(examples) == 2000
+  noise_tokens = total_tokens = num_spans = 0
+  for original, ex in zip(originals, examples):
+    inputs, targets = ex["inputs"], ex["targets"]
+    assert inputs[-1] == VOCAB.eos_id and targets[-1] == VOCAB.eos_id
+    assert len(inputs) <= lengths["inputs"] and len(targets) <= lengths["targets"]
+    assert _is_sentinel(targets[0]) and _is_sentinel(inputs[-2])
+    merged, span_lengths = _merge_spans(inputs[:-1], targets[:-1])
+    assert merged == original
+    assert min(span_lengths) >= 1
+    noise_tokens += sum(span_lengths)
+    num_spans += len(span_lengths)
+    total_tokens += len(original)
+  assert noise_tokens / total_tokens == pytest.approx(0.15, rel=0.05)
+  assert noise_tokens / num_spans == pytest.approx(3.0, rel=0.05)
+
+
+def test_prefix_lm_splits_chunks_without_loss():
+  originals = _train_chunks(SMALL["inputs"] - 1, 300)
+  examples = _task_examples("ul2x_prefix_lm", SMALL, 300)
+  cuts = set()
+  for original, ex in zip(originals, examples):
+    inputs, targets = ex["inputs"], ex["targets"]
+    assert inputs[-1] == VOCAB.eos_id and targets[-1] == VOCAB.eos_id
+    assert len(inputs) >= 2 and len(targets) >= 2
+    assert len(inputs) <= SMALL["inputs"] and len(targets) <= SMALL["targets"]
+    assert inputs[:-1] + targets[:-1] == original
+    cuts.add(len(inputs))
+  assert len(cuts) > 10
+
+
+def test_feature_lengths_too_short_raise():
+  with pytest.raises(ValueError, match="inputs=2, targets=32 .*minimum is inputs=3"):
+    preprocessors.span_corruption_chunk_length({"inputs": 2, "targets": 32})
+  with pytest.raises(ValueError, match="inputs=64, targets=1 .*minimum is inputs=2"):
+    ul2x.tasks.get_dataset("ul2x_prefix_lm", {"inputs": 64, "targets": 1}, "train", 2)
+  with pytest.raises(ValueError, match="up to 114 noise spans.* 100 sentinels"):
+    ul2x.tasks.get_dataset("ul2x_span_corruption", {"inputs": 2048, "targets": 512}, "train", 2)
+
+
+def _first_batches(name: str, count: int = 3, **kwargs) -> list[dict[str, np.ndarray]]:
+  kwargs = {"split": "train", "batch_size": 4, **kwargs}
+  ds = ul2x.tasks.get_dataset(name, SMALL, **kwargs)
+  return list(ds.take(count).as_numpy_iterator())
+
+
+def test_same_seed_gives_identical_packed_batches():
+  first = _first_batches("ul2x_span_corruption", seed=7)
+  again = _first_batches("ul2x_span_corruption", seed=7)
+  other = _first_batches("ul2x_span_corruption", seed=8)
+  for a, b in zip(first, again):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert any(not np.array_equal(a["encoder_input_tokens"], c["encoder_input_tokens"])
+             for a, c in zip(first, other))
+
+
+def test_shards_are_disjoint():
+  def rows(shard_index):
+    batches = _first_batches("ul2x_prefix_lm", count=4, pack=False, shard_index=shard_index,
+                             num_shards=2, batch_size=8)
+    # Documents' last chunks can be a few tokens that recur (e.g. '".'): skip those.
+    examples = [np.concatenate([b["encoder_input_tokens"], b["decoder_target_tokens"]], axis=1)
+                for b in batches]
+    return {tuple(row) for row in np.concatenate(examples) if np.count_nonzero(row) >= 10}
+
+  shard0, shard1 = rows(0), rows(1)
+  assert len(shard0) > 25 and len(shard1) > 25
+  assert not shard0 & shard1
+  with pytest.raises(ValueError, match="shard_index 2 is not in"):
+    ul2x.tasks.get_dataset("ul2x_prefix_lm", SMALL, "train", 2, shard_index=2, num_shards=2)
+
+
+@pytest.mark.parametrize("architecture,features,pack", [
+    ("encoder_decoder", ENC_DEC_FEATURES, True),
+    ("decoder_only", DECODER_FEATURES, True),
+    ("decoder_only", DECODER_FEATURES, False),
+])
+def test_batch_features_shapes_and_dtypes(architecture, features, pack):
+  (batch,) = _first_batches("ul2x_prefix_lm", count=1, split="validation",
+                            architecture=architecture, pack=pack)
+  lengths = ul2x.tasks.feature_lengths_for(architecture, SMALL)
+  assert set(batch) == features == set(lengths)
+  for key, value in batch.items():
+    assert value.shape == (4, lengths[key]) and value.dtype == np.int32, key
+  if architecture == "decoder_only":
+    assert lengths["decoder_target_tokens"] == SMALL["inputs"] + SMALL["targets"]
+    assert batch["decoder_causal_attention"].any()
+  assert (batch["decoder_segment_ids"] > 0).any()
+
+
+def test_bad_names_raise_listing_choices():
+  with pytest.raises(ValueError, match=r"unknown seqio task or mixture 'nope'; registered: .*"
+                                       r"ul2x_prefix_lm, ul2x_span_corruption"):
+    ul2x.tasks.get_dataset("nope", SMALL, "train", 2)
+  with pytest.raises(ValueError, match="architecture 'gpt'"):
+    ul2x.tasks.feature_lengths_for("gpt", SMALL)
+
+
+def test_registration_is_idempotent():
+  registry.register_tasks()
+  registry.register_tasks()
+  assert set(registry.TASK_NAMES) <= set(seqio.TaskRegistry.names())
