@@ -45,7 +45,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    kernel = self.kernel.value.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
     return jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
 
 
@@ -59,11 +59,11 @@ class Embed(nnx.Module):
 
   def __call__(self, ids):
     """ids: [batch, length] int -> [batch, length, embed]."""
-    return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
     """x: [batch, length, embed] -> float32 logits [batch, length, vocab]."""
-    return jnp.dot(x.astype(jnp.float32), self.embedding.value.T)
+    return jnp.dot(x.astype(jnp.float32), self.embedding[...].T)
 
 
 class RMSNorm(nnx.Module):
@@ -77,7 +77,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale.value).astype(self.dtype)
+    return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(self.dtype)
 
 
 class GatedMLP(nnx.Module):

@@ -47,7 +47,7 @@ class RelativePositionBias(nnx.Module):
     rel = kv_positions[:, None, :] - q_positions[:, :, None]
     buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
                                        self.max_distance)
-    bias = jnp.take(self.rel_embedding.value, buckets, axis=1)  # [heads, b, q, k]
+    bias = jnp.take(self.rel_embedding[...], buckets, axis=1)  # [heads, b, q, k]
     return jnp.transpose(bias, (1, 0, 2, 3))
 
 

@@ -1,0 +1,175 @@
+"""Model shapes, masking (padding, packing, causality, prefix-LM) and layer-stack variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ul2x.model import TransformerConfig, build_model
+from ul2x.model.attention import attention_mask, dot_product_attention
+from ul2x.model.position import relative_position_bucket
+
+SMALL = dict(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
+             num_encoder_layers=2, num_decoder_layers=2)
+
+
+def make(**overrides):
+  cfg = TransformerConfig(**{**SMALL, **overrides})
+  return build_model(cfg, nnx.Rngs(0))
+
+
+@nnx.jit
+def run(model, batch):
+  return model(batch)
+
+
+def tokens(key, shape, vocab=64):
+  return jax.random.randint(jax.random.key(key), shape, 3, vocab, jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def encdec():
+  return make()
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+  return make(architecture="decoder_only", position="rope", activation="silu")
+
+
+def encdec_batch(enc, dec):
+  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=dec)
+
+
+def test_shapes_and_dtypes(encdec, causal_lm):
+  out = run(encdec, encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8))))
+  assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
+  out = run(causal_lm, dict(decoder_input_tokens=tokens(2, (2, 8)),
+                            decoder_target_tokens=tokens(3, (2, 8))))
+  assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
+
+
+def test_bfloat16_activations_keep_float32_logits():
+  model = make(dtype="bfloat16")
+  out = run(model, encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8))))
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_padding_does_not_change_outputs(encdec):
+  enc, dec = tokens(0, (2, 12)), tokens(1, (2, 8))
+  padded = enc.at[:, 8:].set(0)
+  a = run(encdec, encdec_batch(padded, dec))
+  b = run(encdec, encdec_batch(padded.at[:, 8:].set(0), dec))
+  c = run(encdec, encdec_batch(enc[:, :8], dec))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_packed_segments_do_not_attend_across(encdec):
+  """Row = [segment 1 | segment 2]; changing segment 2 leaves segment 1's logits alone."""
+  enc, dec = tokens(0, (2, 12)), tokens(1, (2, 8))
+  seg_e = jnp.array([[1] * 6 + [2] * 6] * 2); pos_e = jnp.array([list(range(6)) * 2] * 2)
+  seg_d = jnp.array([[1] * 4 + [2] * 4] * 2); pos_d = jnp.array([list(range(4)) * 2] * 2)
+
+  def packed(enc, dec):
+    return run(encdec, dict(encdec_batch(enc, dec), encoder_segment_ids=seg_e,
+                            decoder_segment_ids=seg_d, encoder_positions=pos_e,
+                            decoder_positions=pos_d))
+
+  base = packed(enc, dec)
+  changed = packed(enc.at[:, 6:].set(tokens(5, (2, 6))), dec.at[:, 4:].set(tokens(6, (2, 4))))
+  np.testing.assert_allclose(base[:, :4], changed[:, :4], atol=1e-5)
+  assert not np.allclose(base[:, 4:], changed[:, 4:], atol=1e-3)
+  # Segment 1 alone, padded instead of packed, gives the same logits as inside the row.
+  alone = run(encdec, encdec_batch(enc.at[:, 6:].set(0), dec.at[:, 4:].set(0)))
+  np.testing.assert_allclose(base[:, :4], alone[:, :4], atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 3, 6])
+def test_causal_decoder_ignores_later_tokens(causal_lm, encdec, t):
+  dec = tokens(0, (2, 8))
+  later = dec.at[:, t + 1:].set(tokens(1, (2, 8 - t - 1)))
+  lm = lambda d: run(causal_lm, dict(decoder_input_tokens=d, decoder_target_tokens=d))
+  np.testing.assert_allclose(lm(dec)[:, :t + 1], lm(later)[:, :t + 1], atol=1e-5)
+  enc = tokens(2, (2, 12))
+  ed = lambda d: run(encdec, encdec_batch(enc, d))
+  np.testing.assert_allclose(ed(dec)[:, :t + 1], ed(later)[:, :t + 1], atol=1e-5)
+
+
+def test_prefix_lm_is_bidirectional_over_prefix_only(causal_lm):
+  dec = tokens(0, (2, 8))
+  prefix = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]] * 2)
+  lm = lambda d: run(causal_lm, dict(decoder_input_tokens=d, decoder_target_tokens=d,
+                                     decoder_causal_attention=prefix))
+  base = lm(dec)
+  # A change inside the prefix reaches earlier prefix positions...
+  changed_prefix = lm(dec.at[:, 3].set((dec[0, 3] + 1) % 60 + 3))
+  assert not np.allclose(base[:, 0], changed_prefix[:, 0], atol=1e-4)
+  # ...but a change in the targets reaches no earlier position.
+  changed_target = lm(dec.at[:, 6].set((dec[0, 6] + 1) % 60 + 3))
+  np.testing.assert_allclose(base[:, :6], changed_target[:, :6], atol=1e-5)
+
+
+def _stack_layers(list_params, n):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[list_params[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+def test_scan_and_remat_match_the_layer_list(architecture):
+  listed = make(architecture=architecture)
+  scanned = make(architecture=architecture, scan_layers=True, remat=True)
+  params = nnx.state(listed).to_pure_dict()
+  scan_params = dict(params)
+  for stack in ("encoder", "decoder"):
+    if stack in params:
+      scan_params[stack] = {"layers": _stack_layers(params[stack]["layers"], 2)}
+  state = nnx.state(scanned)
+  nnx.replace_by_pure_dict(state, scan_params)
+  nnx.update(scanned, state)
+  batch = encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8)))
+
+  @nnx.jit
+  def loss_and_grad(model):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(batch) ** 2))(model)
+
+  (l_list, g_list), (l_scan, g_scan) = loss_and_grad(listed), loss_and_grad(scanned)
+  np.testing.assert_allclose(l_list, l_scan, rtol=1e-5)
+  np.testing.assert_allclose(g_list["embed"]["embedding"][...],
+                             g_scan["embed"]["embedding"][...], rtol=1e-4, atol=1e-6)
+
+
+def test_attention_mask_semantics():
+  seg = jnp.array([[1, 1, 2, 0]])
+  pos = jnp.array([[0, 1, 0, 0]])
+  mask = attention_mask(seg, seg, pos, pos, causal=True)[0, 0]
+  expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_reference_attention_matches_softmax_formula():
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 3, 2, 4)) for i in range(3))
+  seg = jnp.ones((1, 3), jnp.int32)
+  pos = jnp.arange(3)[None]
+  out = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                              q_positions=pos, kv_positions=pos, scale=0.5)
+  logits = np.einsum("qhd,khd->hqk", q[0], k[0]) * 0.5
+  weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(out[0], np.einsum("hqk,khd->qhd", weights, v[0]), rtol=1e-5)
+
+
+def test_relative_position_buckets():
+  rel = jnp.arange(-200, 201)
+  bi = relative_position_bucket(rel, True, 32, 128)
+  uni = relative_position_bucket(rel, False, 32, 128)
+  assert int(bi.min()) == 0 and int(bi.max()) == 31
+  assert int(uni[rel > 0].max()) == 0  # future keys share bucket 0 one-directionally
+  assert bool(jnp.all(jnp.diff(uni[rel <= 0]) <= 0))  # farther past -> larger bucket
+  assert int(bi[200]) == 0 and int(bi[201]) != int(bi[199])  # sign is distinguished
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="activation='relu'"):
+    TransformerConfig(activation="relu")
+  with pytest.raises(ValueError, match="rope"):
+    TransformerConfig(position="rope")
