@@ -68,7 +68,7 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
     raise ConfigError("no --gin_file given; e.g. --gin_file=gin_configs/runs/pretrain.gin.")
   try:
     files = [_find_gin_file(f, search) for f in args.gin_file]
-    gin.parse_config_files_and_bindings(files, args.gin_bindings)
+    gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
   except (ValueError, KeyError, IOError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
   for name in required_macros:
@@ -78,6 +78,10 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
       value = gin.REQUIRED
     if repr(value) == "%gin.REQUIRED":  # the unresolved reference gin keeps for it
       raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
+  try:
+    gin.finalize()
+  except (ValueError, KeyError) as e:
+    raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
 
 
 def run_cli(main, argv=None) -> None:

@@ -35,8 +35,8 @@ def constrain(x, names):
 
 
 def logical_axes(state: nnx.State) -> dict:
-  """Pure dict (like `state.to_pure_dict()`) of each variable's `axes` metadata or None."""
-  flat = {path: var.get_metadata().get("axes") for path, var in state.flat_state()}
+  """Pure dict (like `nnx.to_pure_dict(state)`) of each variable's `axes` metadata or None."""
+  flat = {path: var.get_metadata().get("axes") for path, var in nnx.to_flat_state(state)}
   return traverse_util.unflatten_dict(flat)
 
 

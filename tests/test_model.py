@@ -119,7 +119,7 @@ def _stack_layers(list_params, n):
 def test_scan_and_remat_match_the_layer_list(architecture):
   listed = make(architecture=architecture)
   scanned = make(architecture=architecture, scan_layers=True, remat=True)
-  params = nnx.state(listed).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(listed))
   scan_params = dict(params)
   for stack in ("encoder", "decoder"):
     if stack in params:

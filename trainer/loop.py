@@ -65,6 +65,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
     state, data_position = ckpt.restore(latest, jax.eval_shape(init_fn), state_shardings)
     print(f"resumed from {ckpt.directory} at step {latest}", flush=True)
   start = int(state["step"])
+  if start >= train_steps:
+    print(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
+          "raise TRAIN_STEPS or use a new MODEL_DIR to train more.", flush=True)
+    ckpt.close()
+    return {}
 
   hosts = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
   local_batch = batch_size // jax.process_count()

@@ -16,7 +16,7 @@ def init_train_state(cfg, tx, mesh, rules, seed: int):
   {'step', 'params', 'opt_state'}; jit it with the shardings as out_shardings."""
   abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
   graphdef, abstract = nnx.split(abstract_model)
-  abstract_params = abstract.to_pure_dict()
+  abstract_params = nnx.to_pure_dict(abstract)
   p_specs = partitioning.param_specs(abstract_params, partitioning.logical_axes(abstract),
                                      mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -24,7 +24,7 @@ def init_train_state(cfg, tx, mesh, rules, seed: int):
   specs = {"step": PartitionSpec(), "params": p_specs, "opt_state": o_specs}
 
   def init_fn():
-    params = nnx.state(build_model(cfg, nnx.Rngs(seed))).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(seed))))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params)}
 
@@ -83,7 +83,7 @@ def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: in
       new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                    "opt_state": opt_state}
       metrics = summarize(sums)
-      metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+      metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
       return new_state, metrics
 
   return train_step

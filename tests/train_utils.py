@@ -1,0 +1,39 @@
+"""Shared helpers for tests that build a jitted train step on a mesh (no input pipeline)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from ul2x import partitioning
+from ul2x.model import TransformerConfig
+from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.steps import init_train_state, make_train_step
+
+TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
+                         num_encoder_layers=2, num_decoder_layers=2)
+
+
+def copy_batch(key: int, batch: int = 8, length: int = 16, vocab: int = 64) -> dict:
+  """Encoder-decoder copy task: the decoder must reproduce the encoder tokens."""
+  tokens = jax.random.randint(jax.random.key(key), (batch, length), 3, vocab, jnp.int32)
+  return dict(encoder_input_tokens=tokens, decoder_target_tokens=tokens,
+              decoder_input_tokens=jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
+              decoder_loss_weights=jnp.ones_like(tokens))
+
+
+def build(mesh_sizes: dict, cfg=TINY, *, num_microbatches: int = 1, optimizer="adafactor",
+          total_steps: int = 100):
+  """-> (state, jitted train_step, batch shardings) on a mesh of prod(sizes) devices."""
+  devices = jax.devices()[:math.prod(mesh_sizes.values())]
+  mesh = partitioning.create_mesh(**mesh_sizes, devices=devices)
+  rules = partitioning.standard_logical_axis_rules()
+  tx, schedule = create_optimizer(total_steps, name=optimizer)
+  graphdef, init_fn, shardings = init_train_state(cfg, tx, mesh, rules, seed=0)
+  state = jax.jit(init_fn, out_shardings=shardings)()
+  batch_sharding = NamedSharding(mesh, partitioning.batch_spec(rules, mesh))
+  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules,
+                                 num_microbatches=num_microbatches),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+  return state, step, batch_sharding
