@@ -15,6 +15,7 @@ def main(argv: list[str]) -> None:
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index)
   import gin
+  import jax
   import seqio
 
   import ul2x.tasks  # noqa: F401  registers the default tasks
@@ -23,9 +24,10 @@ def main(argv: list[str]) -> None:
     seqio.set_tfds_data_dir_override(args.tfds_data_dir)
   gin_setup.load_config(args, REQUIRED)
   model_dir = gin.query_parameter("%MODEL_DIR")
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  if jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
   trainer.train()
 
 

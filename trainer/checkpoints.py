@@ -27,7 +27,8 @@ class Checkpointer:
   def save(self, step: int, state, data_position: dict, *, force: bool = False) -> bool:
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_position)), force=force)
+                                      data=ocp.args.JsonSave(dict(data_position))),
+        force=force)  # a copy: async saves serialize after the loop moves on
 
   def restore(self, step: int, abstract_state, shardings):
     """-> (state placed with `shardings`, data position dict)."""

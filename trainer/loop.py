@@ -92,7 +92,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   if eval_every and eval_batches:
     eval_ds = pipeline.get_dataset(
         mixture_or_task_name, task_feature_lengths, eval_split, local_batch,
-        architecture=cfg.architecture, pack=pack, seed=None, **hosts)
+        architecture=cfg.architecture, pack=pack, seed=seed, **hosts)
     eval_data = [_global_batch(b, batch_shardings)
                  for b in eval_ds.take(eval_batches).as_numpy_iterator()]
 
