@@ -61,22 +61,24 @@ def _find_gin_file(name: str, search: list[str]) -> str:
 
 def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
   """Parses gin files and bindings; fails if a required macro has no value."""
-  search = [os.getcwd(), PACKAGE_DIR] + [p for p in args.gin_search_paths.split(",") if p]
+  # User directories first, so their files shadow ours; then cwd, then the package.
+  search = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), PACKAGE_DIR]
+  search = list(dict.fromkeys(os.path.abspath(p) for p in search))
   for path in search:
     gin.add_config_file_search_path(path)
   if not args.gin_file:
     raise ConfigError("no --gin_file given; e.g. --gin_file=gin_configs/runs/pretrain.gin.")
+  files = [_find_gin_file(f, search) for f in args.gin_file]
   try:
-    files = [_find_gin_file(f, search) for f in args.gin_file]
     gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
   except (ValueError, KeyError, IOError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
   for name in required_macros:
     try:
       value = gin.query_parameter(f"%{name}")
-    except ValueError:
-      value = gin.REQUIRED
-    if repr(value) == "%gin.REQUIRED":  # the unresolved reference gin keeps for it
+    except ValueError:  # the macro is not defined at all
+      value = None
+    if value is None or repr(value) == "%gin.REQUIRED":  # gin keeps REQUIRED as a reference
       raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
   try:
     gin.finalize()

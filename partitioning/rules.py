@@ -10,8 +10,9 @@ MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 def standard_logical_axis_rules() -> list[tuple[str, str | tuple[str, ...] | None]]:
   """Default rules: (logical name, mesh axis or axes), first usable match wins.
 
-  A rule is usable when none of its mesh axes is already taken by an earlier
-  dimension of the same array and the mesh size divides the dimension. Params
+  Within a rule, each mesh axis is kept unless an earlier dimension of the same
+  array took it or the product of the kept sizes would not divide the dimension;
+  a rule that keeps no axis falls through to the next rule of that name. Params
   are sharded over `fsdp` on `embed` and over `tensor` on heads/mlp/vocab;
   activations over `data`+`fsdp`+`expert` on batch and `sequence` on length.
   """

@@ -13,22 +13,25 @@ class Checkpointer:
   each host has consumed, so a resumed job continues with the next batch.
   """
 
-  def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int,
+  def __init__(self, directory: str, *, every: int, max_to_keep: int,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.every = every
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(int(save_interval_steps), 1), max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_position: dict, *, force: bool = False) -> bool:
+  def maybe_save(self, step: int, state, data_position: dict, *, final: bool = False) -> bool:
+    """Saves every `every` steps and at the final step; True if a save started."""
+    if step % self.every and not final:
+      return False
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(dict(data_position))),
-        force=force)  # a copy: async saves serialize after the loop moves on
+        force=True)  # a copy of the position: async saves serialize after the loop moves on
 
   def restore(self, step: int, abstract_state, shardings):
     """-> (state placed with `shardings`, data position dict)."""

@@ -22,6 +22,11 @@ def _global_batch(local: dict, shardings: dict) -> dict:
           for k, v in local.items()}
 
 
+def _say(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
   spec = partitioning.batch_spec(rules, mesh)
   axes = spec[0] if len(spec) else ()
@@ -47,6 +52,10 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
 
   Returns the last logged metrics (a dict of floats).
   """
+  for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
+                             ("eval_every", eval_every, 0), ("train_steps", train_steps, 1)):
+    if value < least:
+      raise ValueError(f"train.{name}={value} must be at least {least}.")
   cfg = model_config
   mesh = partitioning.create_mesh()
   rules = logical_axis_rules or partitioning.standard_logical_axis_rules()
@@ -55,7 +64,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   graphdef, init_fn, state_shardings = init_train_state(cfg, tx, mesh, rules, seed)
 
   ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"),
-                      save_interval_steps=checkpoint_every, max_to_keep=keep_checkpoints,
+                      every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   latest = ckpt.latest_step()
   if latest is None:
@@ -63,11 +72,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
     data_position = {"train_batches": 0}
   else:
     state, data_position = ckpt.restore(latest, jax.eval_shape(init_fn), state_shardings)
-    print(f"resumed from {ckpt.directory} at step {latest}", flush=True)
+    _say(f"resumed from {ckpt.directory} at step {latest}")
   start = int(state["step"])
   if start >= train_steps:
-    print(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
-          "raise TRAIN_STEPS or use a new MODEL_DIR to train more.", flush=True)
+    _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
+         "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
     ckpt.close()
     return {}
 
@@ -115,13 +124,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
       totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
       eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
       eval_writer.write(step, eval_scalars)
-      if jax.process_index() == 0:
-        print(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
-              f"acc {eval_scalars['accuracy']:.3f}", flush=True)
+      _say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
+           f"acc {eval_scalars['accuracy']:.3f}")
       progress.mark(step)
-    ckpt.save(step, state, data_position, force=step == train_steps)
+    ckpt.maybe_save(step, state, data_position, final=step == train_steps)
   ckpt.close()
-  if jax.process_index() == 0:
-    print(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
-          f"(tensorboard --logdir {os.path.abspath(model_dir)})", flush=True)
+  _say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
+       f"(tensorboard --logdir {os.path.abspath(model_dir)})")
   return scalars

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import tensorflow as tf
 
-# Dense bf16 peak FLOP/s per device from vendor data sheets.
+# Dense bf16 peak FLOP/s per device from vendor data sheets; first substring match wins.
 _PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }

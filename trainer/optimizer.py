@@ -38,7 +38,8 @@ def learning_rate_schedule(total_steps: int, *, schedule: str = "rsqrt",
 def create_optimizer(total_steps: int, *, name: str = "adafactor",
                      grad_clip_norm: float | None = None, weight_decay: float = 0.0,
                      b1: float = 0.9, b2: float = 0.95):
-  """-> (optax transformation, schedule). Weight decay skips 1-D params (norm scales)."""
+  """-> (optax transformation, schedule). AdamW's weight decay skips 1-D params (norm
+  scales); Adafactor's `weight_decay_rate` decays every parameter."""
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer name={name!r} is unknown; use one of {OPTIMIZERS}.")
   schedule = learning_rate_schedule(total_steps)
