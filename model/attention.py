@@ -2,16 +2,23 @@
 and the multi-head attention module.
 
 Every implementation has the signature of `dot_product_attention`; masks are
-given as segment ids (0 = padding) and positions, never as dense masks.
+given as segment ids (0 = padding) and positions, never as dense masks. `ring`
+takes the relative bias as a `PositionBias` (table + bucket function) instead of a
+dense tensor: see `stack_bias`.
 """
+
+import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from ul2x.kernels import ring_attention as ring
 from ul2x.model.layers import Dense
 from ul2x.model.position import apply_rope
-from ul2x.partitioning import constrain
+from ul2x.partitioning import constrain, current_axis_rules, logical_to_spec
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -49,7 +56,95 @@ def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-ATTENTION_FNS = {"reference": dot_product_attention}
+RING_BLOCK_SIZE = 512  # most tokens per tile of the blockwise computation in a ring step
+
+
+def _ring_axis():
+  """(mesh, rules, mesh axis that the rules split `length` over or None, its size);
+  no mesh outside `partitioning.axis_rules`."""
+  context = current_axis_rules()
+  if context is None:
+    return None, None, None, 1
+  mesh, rules = context
+  spec = logical_to_spec(("length",), rules, dict(mesh.shape))
+  axis = spec[0] if len(spec) else None
+  axes = () if axis is None else (axis,) if isinstance(axis, str) else axis
+  return mesh, rules, axis, math.prod(mesh.shape[a] for a in axes)
+
+
+def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
+                               kv_positions, causal=False, q_prefix=None, kv_prefix=None,
+                               bias=None, scale=1.0):
+  """Ring attention (kernels/ring_attention.py) with the signature of
+  `dot_product_attention`, but `bias` is a `PositionBias`. Under `axis_rules` it runs
+  in a shard_map over the mesh: length split over the axis the rules give `length`
+  (`sequence`), batch and heads as the rules shard them; outside, on one device."""
+  mesh, rules, axis, n = _ring_axis()
+  for what, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
+    if length % n:
+      raise ValueError(
+          f"attention='ring' splits the {what} length {length} over the {n} devices of "
+          f"mesh axis {axis!r}; make the length a multiple of {n}.")
+  local = q.shape[1] // n  # causal: tiles of half a block align with the zigzag chunks
+  block = min(RING_BLOCK_SIZE, local // 2 if causal and local % 2 == 0 else local)
+  q_tok = ring.Tokens(q_segment_ids, q_positions, q_prefix)
+  kv_tok = ring.Tokens(kv_segment_ids, kv_positions, kv_prefix)
+
+  def attend(q, k, v, q_tok, kv_tok, bias):
+    return ring.ring_attention(
+        q, k, v, q_segment_ids=q_tok.segment_ids, kv_segment_ids=kv_tok.segment_ids,
+        q_positions=q_tok.positions, kv_positions=kv_tok.positions, causal=causal,
+        q_prefix=q_tok.prefix, kv_prefix=kv_tok.prefix, bias=bias, scale=scale,
+        axis_name=axis, block_attention=ring.BlockwiseAttention(block))
+
+  if mesh is None:
+    return attend(q, k, v, q_tok, kv_tok, bias)
+  names = ("batch", "length", "heads", "kv")
+  q_spec, kv_spec = ((*logical_to_spec(names, rules, dict(mesh.shape), x.shape), None, None,
+                      None, None)[:4] for x in (q, k))
+  if q_spec[1] != axis or kv_spec[1] != axis:
+    raise ValueError(f"attention='ring' needs the length split over {axis!r} alone, but "
+                     f"the rules give q {q_spec} and k/v {kv_spec}; fix the axis rules.")
+  per_token = lambda tok, spec: jax.tree.map(lambda _: PartitionSpec(*spec[:2]), tok)
+  in_specs = (PartitionSpec(*q_spec), PartitionSpec(*kv_spec), PartitionSpec(*kv_spec),
+              per_token(q_tok, q_spec), per_token(kv_tok, kv_spec),
+              jax.tree.map(lambda _: PartitionSpec(q_spec[2]), bias))
+  sharded = jax.shard_map(attend, mesh=mesh, in_specs=in_specs,
+                          out_specs=PartitionSpec(*q_spec))
+  return sharded(q, k, v, q_tok, kv_tok, bias)
+
+
+def ring_layout(cfg, length: int):
+  """(to_layout, from_layout) of the length axis (dim 1) of a causal stack's
+  per-token arrays: the zigzag of kernels/ring_attention.py over the ring, so every
+  device does the same causal work, with `attention='ring'` and `ring_load_balance`
+  on a mesh; the identity otherwise."""
+  n = _ring_axis()[3] if cfg.attention == "ring" and cfg.ring_load_balance else 1
+  if n == 1:
+    return (lambda x: x), (lambda x: x)
+  if cfg.num_experts:
+    raise ValueError(
+        "ring_load_balance=True puts a causal stack's tokens in zigzag order, but MoE "
+        "token-choice routing fills expert capacity in array order, which must be position "
+        "order to stay causal; set TransformerConfig.ring_load_balance=False with "
+        f"num_experts={cfg.num_experts}.")
+  if length % (2 * n):
+    raise ValueError(
+        f"attention='ring' with ring_load_balance=True needs the length {length} to be a "
+        f"multiple of 2 x {n} (the ring size) = {2 * n}; pad the length to a multiple of "
+        f"{2 * n} or set TransformerConfig.ring_load_balance=False.")
+  return partial(ring.zigzag, num_shards=n), partial(ring.unzigzag, num_shards=n)
+
+
+def stack_bias(relative_bias, positions, attention: str):
+  """A stack's relative position bias: the dense [batch, heads, len, len] tensor,
+  or for `ring` the `PositionBias` (table + bucket function) computed per block."""
+  if attention == "ring":
+    return relative_bias.blockwise()
+  return relative_bias(positions, positions)
+
+
+ATTENTION_FNS = {"reference": dot_product_attention, "ring": ring_dot_product_attention}
 
 
 def get_attention_fn(name: str):

@@ -5,6 +5,8 @@ import dataclasses
 import gin
 import jax.numpy as jnp
 
+from ul2x.model.moe import ROUTERS, expert_capacity
+
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 
 
@@ -15,7 +17,9 @@ class TransformerConfig:
 
   `dtype` is the activation dtype; parameters are always float32 and logits
   are float32. `position` is 'relative' (T5 bucketed bias) or 'rope'.
-  `attention` names the attention implementation (see model/attention.py).
+  `attention` names the attention implementation (see model/attention.py); with
+  'ring', `ring_load_balance` lays causal stacks out in zigzag order over the
+  `sequence` mesh axis (docs/ring_attention.md).
   """
 
   architecture: str = "encoder_decoder"
@@ -35,8 +39,19 @@ class TransformerConfig:
   relative_max_distance: int = 128
   rope_max_wavelength: float = 10_000.0
   attention: str = "reference"
+  ring_load_balance: bool = True
   remat: bool = False
   scan_layers: bool = False
+  # Mixture of experts (docs/moe.md); num_experts=0 is a dense model.
+  num_experts: int = 0
+  moe_layer_interval: int = 2
+  expert_mlp_dim: int = 0
+  capacity_factor: float = 2.0
+  group_size: int = 256
+  encoder_router: str = "expert_choice"
+  decoder_router: str = "top2"
+  router_jitter: float = 0.0
+  moe_dispatch: str = "gather"
 
   def __post_init__(self):
     checks = [
@@ -54,6 +69,34 @@ class TransformerConfig:
       raise ValueError(
           "TransformerConfig.position='rope' is supported for decoder_only models; "
           "use position='relative' for encoder_decoder.")
+    if self.num_experts:
+      self._check_moe()
+
+  def _check_moe(self):
+    for name, allowed in [("encoder_router", ROUTERS), ("decoder_router", ROUTERS),
+                          ("moe_dispatch", ("gather", "one_hot"))]:
+      if getattr(self, name) not in allowed:
+        raise ValueError(
+            f"TransformerConfig.{name}={getattr(self, name)!r} is not one of {allowed}; "
+            f"set --gin.TransformerConfig.{name} to one of them.")
+    if self.decoder_router == "expert_choice":
+      raise ValueError(
+          "TransformerConfig.decoder_router='expert_choice' would leak future tokens: each "
+          "expert picks its top tokens among the whole group, so in a causal decoder a "
+          "token's output would depend on later tokens; use 'top1' or 'top2' for the "
+          "decoder (expert choice is for the bidirectional encoder_router).")
+    stacks = [("num_decoder_layers", self.num_decoder_layers)]
+    if self.architecture == "encoder_decoder":
+      stacks.append(("num_encoder_layers", self.num_encoder_layers))
+    for name, layers in stacks:
+      if self.moe_layer_interval < 1 or layers % self.moe_layer_interval:
+        raise ValueError(
+            f"TransformerConfig.{name}={layers} is not a multiple of moe_layer_interval="
+            f"{self.moe_layer_interval} (the last of every {self.moe_layer_interval} layers "
+            "is MoE); change --gin.TransformerConfig.moe_layer_interval or the depth.")
+    if self.group_size < 1:
+      raise ValueError(f"TransformerConfig.group_size={self.group_size} must be positive.")
+    expert_capacity(self.group_size, self.num_experts, self.capacity_factor)
 
   @property
   def activation_dtype(self):

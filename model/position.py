@@ -1,10 +1,13 @@
 """Position encodings: T5 bucketed relative position bias and rotary embeddings (RoPE)."""
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ul2x.kernels.ring_attention import PositionBias
 
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
@@ -31,6 +34,22 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
   return ret + jnp.where(is_small, n, val_if_large)
 
 
+@dataclasses.dataclass(frozen=True)
+class RelativeBias:
+  """The T5 bias as a function of positions: table [heads, buckets] -> [b, heads, q, k]
+  float32. Hashable, so ring attention can compute it one block at a time."""
+
+  num_buckets: int
+  max_distance: int
+  bidirectional: bool
+
+  def __call__(self, table, q_positions, kv_positions):
+    rel = kv_positions[:, None, :] - q_positions[:, :, None]
+    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    return jnp.transpose(jnp.take(table, buckets, axis=1), (1, 0, 2, 3))
+
+
 class RelativePositionBias(nnx.Module):
   """Learned per-head bias indexed by the T5 bucket of (key - query) position."""
 
@@ -44,11 +63,13 @@ class RelativePositionBias(nnx.Module):
 
   def __call__(self, q_positions, kv_positions):
     """positions: [batch, len] -> bias [batch, heads, q_len, kv_len] float32."""
-    rel = kv_positions[:, None, :] - q_positions[:, :, None]
-    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
-                                       self.max_distance)
-    bias = jnp.take(self.rel_embedding[...], buckets, axis=1)  # [heads, b, q, k]
-    return jnp.transpose(bias, (1, 0, 2, 3))
+    return self.blockwise()(q_positions, kv_positions)
+
+  def blockwise(self) -> PositionBias:
+    """The bias as its table and bucket function, for attention that computes it
+    per block (ring attention) instead of taking a dense [batch, heads, q, k] tensor."""
+    fn = RelativeBias(self.num_buckets, self.max_distance, self.bidirectional)
+    return PositionBias(self.rel_embedding[...], fn)
 
 
 def apply_rope(x, positions, max_wavelength: float = 10_000.0):

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ul2x.model.attention import MultiHeadAttention
+from ul2x.model.attention import MultiHeadAttention, ring_layout, stack_bias
 from ul2x.model.config import TransformerConfig
 from ul2x.model.layers import Dense, Embed, GatedMLP, RMSNorm, dropout
+from ul2x.model.moe import MoeMLP
 from ul2x.model.position import RelativePositionBias
 from ul2x.partitioning import constrain
 
@@ -23,9 +24,12 @@ def _split(key, n):
 
 
 class TransformerLayer(nnx.Module):
-  """Pre-norm layer: self-attention, optional cross-attention, gated MLP, each residual."""
+  """Pre-norm layer: self-attention, optional cross-attention, gated MLP (or, with
+  `moe`, a mixture of experts: routed by `decoder_router` if causal, else
+  `encoder_router`), each residual."""
 
-  def __init__(self, cfg: TransformerConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs,
+               moe: bool = False):
     dt = cfg.activation_dtype
     self.self_attention_norm = RMSNorm(cfg.emb_dim, dtype=dt)
     self.self_attention = MultiHeadAttention(cfg, causal=causal, rngs=rngs)
@@ -34,8 +38,13 @@ class TransformerLayer(nnx.Module):
       self.cross_attention = MultiHeadAttention(cfg, causal=False, rngs=rngs)
     self.cross = cross
     self.mlp_norm = RMSNorm(cfg.emb_dim, dtype=dt)
-    self.mlp = GatedMLP(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate,
-                        dtype=dt, rngs=rngs)
+    if moe:
+      router = cfg.decoder_router if causal else cfg.encoder_router
+      self.mlp = MoeMLP(cfg, router=router, rngs=rngs)
+    else:
+      self.mlp = GatedMLP(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate,
+                          dtype=dt, rngs=rngs)
+    self.moe = moe
     self.dropout_rate = cfg.dropout_rate
 
   def __call__(self, x, ctx: dict, key=None):
@@ -53,8 +62,25 @@ class TransformerLayer(nnx.Module):
           kv_segment_ids=ctx["encoded_segment_ids"], q_positions=ctx["positions"],
           kv_positions=ctx["encoded_positions"])
       x = constrain(x + dropout(h, self.dropout_rate, k_cross), _ACT)
-    h = self.mlp(self.mlp_norm(x), k_mlp)
+    h = self.mlp_norm(x)
+    h = self.mlp(h, k_mlp, ctx["segment_ids"]) if self.moe else self.mlp(h, k_mlp)
     return constrain(x + dropout(h, self.dropout_rate, k_out), _ACT)
+
+
+class MoeBlock(nnx.Module):
+  """`cfg.moe_layer_interval` layers, the last with a mixture-of-experts MLP: the unit
+  a MoE model's LayerStack repeats, so that scanned stacks stay uniform."""
+
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+    n = cfg.moe_layer_interval
+    self.sublayers = nnx.List([
+        TransformerLayer(cfg, causal=causal, cross=cross, moe=i == n - 1, rngs=rngs)
+        for i in range(n)])
+
+  def __call__(self, x, ctx: dict, key=None):
+    for layer, k in zip(self.sublayers, _split(key, len(self.sublayers))):
+      x = layer(x, ctx, k)
+    return x
 
 
 def _prefix_axes(module: nnx.Module, name: str):
@@ -91,12 +117,28 @@ class LayerStack(nnx.Module):
 
     def body(x, xs):
       layer_state, k = xs
-      return nnx.merge(graphdef, layer_state)(x, ctx, k), None
+      layer = nnx.merge(graphdef, layer_state)
+      x = layer(x, ctx, k)
+      # What layers sow (MoE router stats) leaves the scan stacked over layers.
+      return x, nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))
 
     if self.remat:
       body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, (state, keys))
+    x, sown = jax.lax.scan(body, x, (state, keys))
+    if sown:
+      self.sow(nnx.Intermediate, "scanned", sown)
     return x
+
+
+def _layer_stack(cfg: TransformerConfig, num_layers: int, *, causal: bool, cross: bool,
+                 rngs: nnx.Rngs) -> LayerStack:
+  """`num_layers` layers; with experts, as blocks whose last layer is MoE."""
+  if cfg.num_experts:
+    make = lambda r: MoeBlock(cfg, causal=causal, cross=cross, rngs=r)
+    num_layers //= cfg.moe_layer_interval
+  else:
+    make = lambda r: TransformerLayer(cfg, causal=causal, cross=cross, rngs=r)
+  return LayerStack(make, num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
 
 
 def _segments_positions(batch, prefix: str, tokens):
@@ -136,19 +178,16 @@ class EncoderDecoder(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    stack = dict(scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
     self.embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype, rngs=rngs)
     self.encoder_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
                                              cfg.num_heads, True, rngs=rngs)
-    self.encoder = LayerStack(
-        lambda r: TransformerLayer(cfg, causal=False, cross=False, rngs=r),
-        cfg.num_encoder_layers, **stack)
+    self.encoder = _layer_stack(cfg, cfg.num_encoder_layers, causal=False, cross=False,
+                                rngs=rngs)
     self.encoder_norm = RMSNorm(cfg.emb_dim, dtype=cfg.activation_dtype)
     self.decoder_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
                                              cfg.num_heads, False, rngs=rngs)
-    self.decoder = LayerStack(
-        lambda r: TransformerLayer(cfg, causal=True, cross=True, rngs=r),
-        cfg.num_decoder_layers, **stack)
+    self.decoder = _layer_stack(cfg, cfg.num_decoder_layers, causal=True, cross=True,
+                                rngs=rngs)
     self.output = _Output(cfg, rngs=rngs)
 
   def encode(self, batch, key=None):
@@ -157,7 +196,8 @@ class EncoderDecoder(nnx.Module):
     seg, pos = _segments_positions(batch, "encoder", tokens)
     k_emb, k_layers, k_out = _split(key, 3)
     x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
-    ctx = dict(segment_ids=seg, positions=pos, bias=self.encoder_bias(pos, pos))
+    ctx = dict(segment_ids=seg, positions=pos,
+               bias=stack_bias(self.encoder_bias, pos, self.cfg.attention))
     x = self.encoder(constrain(x, _ACT), ctx, k_layers)
     x = dropout(self.encoder_norm(x), self.cfg.dropout_rate, k_out)
     return x, seg, pos
@@ -167,11 +207,14 @@ class EncoderDecoder(nnx.Module):
     k_enc, k_emb, k_layers, k_out = _split(dropout_key, 4)
     encoded, enc_seg, enc_pos = self.encode(batch, k_enc)
     seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
-    x = dropout(self.embed(batch["decoder_input_tokens"]), self.cfg.dropout_rate, k_emb)
-    ctx = dict(segment_ids=seg, positions=pos, bias=self.decoder_bias(pos, pos),
+    to_layout, from_layout = ring_layout(self.cfg, seg.shape[1])
+    seg, pos, tokens = map(to_layout, (seg, pos, batch["decoder_input_tokens"]))
+    x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
+    ctx = dict(segment_ids=seg, positions=pos,
+               bias=stack_bias(self.decoder_bias, pos, self.cfg.attention),
                encoded=encoded, encoded_segment_ids=enc_seg, encoded_positions=enc_pos)
     x = self.decoder(constrain(x, _ACT), ctx, k_layers)
-    return self.output(x, self.embed, k_out)
+    return self.output(constrain(from_layout(x), _ACT), self.embed, k_out)
 
 
 class DecoderOnly(nnx.Module):
@@ -184,23 +227,24 @@ class DecoderOnly(nnx.Module):
     if cfg.position == "relative":
       self.decoder_bias = RelativePositionBias(
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, False, rngs=rngs)
-    self.decoder = LayerStack(
-        lambda r: TransformerLayer(cfg, causal=True, cross=False, rngs=r),
-        cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    self.decoder = _layer_stack(cfg, cfg.num_decoder_layers, causal=True, cross=False,
+                                rngs=rngs)
     self.output = _Output(cfg, rngs=rngs)
 
   def __call__(self, batch, *, dropout_key=None):
     """batch: seqio decoder / prefix-LM features -> logits [batch, length, vocab]."""
     k_emb, k_layers, k_out = _split(dropout_key, 3)
     seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
-    x = dropout(self.embed(batch["decoder_input_tokens"]), self.cfg.dropout_rate, k_emb)
+    to_layout, from_layout = ring_layout(self.cfg, seg.shape[1])
+    seg, pos, tokens = map(to_layout, (seg, pos, batch["decoder_input_tokens"]))
+    x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
     ctx = dict(segment_ids=seg, positions=pos)
     if "decoder_causal_attention" in batch:
-      ctx["prefix"] = batch["decoder_causal_attention"]
+      ctx["prefix"] = to_layout(batch["decoder_causal_attention"])
     if self.cfg.position == "relative":
-      ctx["bias"] = self.decoder_bias(pos, pos)
+      ctx["bias"] = stack_bias(self.decoder_bias, pos, self.cfg.attention)
     x = self.decoder(constrain(x, _ACT), ctx, k_layers)
-    return self.output(x, self.embed, k_out)
+    return self.output(constrain(from_layout(x), _ACT), self.embed, k_out)
 
 
 def build_model(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -24,6 +24,11 @@ def axis_rules(mesh: Mesh, rules):
     _CONTEXT.value = previous
 
 
+def current_axis_rules():
+  """(mesh, rules) of the innermost active `axis_rules`, or None outside one."""
+  return getattr(_CONTEXT, "value", None)
+
+
 def constrain(x, names):
   """Sharding constraint by logical axis names; a no-op outside `axis_rules`."""
   context = getattr(_CONTEXT, "value", None)

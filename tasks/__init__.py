@@ -1,10 +1,13 @@
-"""ul2x.tasks: seqio tasks over the embedded corpus, and the trainer's batches.
+"""ul2x.tasks: seqio tasks over the embedded corpus, UL2 mixtures, and the trainer's batches.
 
-Importing this package registers `ul2x_span_corruption` and `ul2x_prefix_lm`
-(idempotent) and hides GPUs from TensorFlow.
+Importing this package registers `ul2x_span_corruption`, `ul2x_prefix_lm` and the
+UL2 mixture `ul2x_ul2` with its seven member tasks (idempotent), and hides GPUs
+from TensorFlow. Register your own corpus with `register_ul2_mixture` (docs/ul2.md).
 """
 
 from ul2x.tasks.pipeline import feature_lengths_for, get_dataset  # first: hides GPUs from TF
-from ul2x.tasks.registry import TASK_NAMES, register_tasks
+from ul2x.tasks.registry import TASK_NAMES, UL2_MIXTURE_NAME, register_tasks
+from ul2x.tasks.ul2 import register_ul2_mixture, ul2_mixing_rates
+from ul2x.tasks.finetune import register_finetune_task
 
 register_tasks()

@@ -1,6 +1,7 @@
 """The trainer's input: per-host, packed, batched int32 features from a seqio task or mixture."""
 
 from collections.abc import Mapping
+import functools
 
 import tensorflow as tf
 
@@ -49,19 +50,44 @@ def _with_segment_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   return batch
 
 
+def _count_examples(dataset: tf.data.Dataset, limit: int = 1_000_000) -> int:
+  return int(dataset.take(limit).reduce(0, lambda count, _: count + 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _check_task_not_empty(task: seqio.Task, task_feature_lengths: tuple[tuple[str, int], ...],
+                          split: str, shard_index: int, num_shards: int) -> None:
+  """Raises if `task` yields no example in this shard (checked once per process)."""
+  if split not in task.splits:
+    raise ValueError(f"task {task.name!r} has no split {split!r}; its splits are "
+                     f"{sorted(task.splits)}: add it to the source or pick another split.")
+  lengths = dict(task_feature_lengths)
+  probe = task.get_dataset(lengths, split=split, use_cached=False, shuffle=False,
+                           shard_info=seqio.ShardInfo(shard_index, num_shards), num_epochs=1)
+  if any(True for _ in probe.take(1)):
+    return
+  where = f"task {task.name!r} split {split!r} shard {shard_index} of {num_shards}"
+  num_source = _count_examples(task.source.get_dataset(split=split, shuffle=False))
+  if num_source == 0:
+    raise ValueError(f"{where} yields no examples: its source {task.source} is empty; "
+                     "check the data files, the split, or the source function.")
+  raise ValueError(
+      f"{where} yields no examples: its source's {num_source} examples hold fewer tokens "
+      f"than one example needs at task_feature_lengths {lengths}; add data, lower "
+      "task_feature_lengths, or use fewer shards.")
+
+
 def _check_not_empty(provider: seqio.DatasetProviderBase, task_feature_lengths: Mapping[str, int],
                      split: str, shard_info: seqio.ShardInfo) -> None:
-  """Raises if the shard yields no example: a repeated empty pipeline would hang the trainer.
+  """Raises if a task (each member of a mixture) yields no example in this shard.
 
-  Cannot fail for the embedded corpus (every paragraph yields chunks) with fewer
-  shards than paragraphs; it guards other sources, splits and shard counts.
+  A repeated empty pipeline would hang the trainer; one that cycles a corpus shorter
+  than one example would silently repeat it inside every example.
   """
-  probe = provider.get_dataset(dict(task_feature_lengths), split=split, use_cached=False,
-                               shuffle=False, shard_info=shard_info, num_epochs=1)
-  if not any(True for _ in probe.take(1)):
-    raise ValueError(
-        f"{provider.name!r} split {split!r} shard {shard_info.index} of {shard_info.num_shards} "
-        "yields no examples; use fewer shards, another split, or check the data source.")
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  for task in tasks:
+    _check_task_not_empty(task, tuple(sorted(task_feature_lengths.items())), split,
+                          shard_info.index, shard_info.num_shards)
 
 
 def get_dataset(mixture_or_task_name: str, task_feature_lengths: dict[str, int], split: str,
@@ -77,8 +103,10 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: dict[str, int],
   batches get segment ids (1 on tokens, 0 on padding) and positions too.
 
   `batch_size` is this host's batch. Examples are sharded `shard_index` of `num_shards`
-  before packing. The same `seed` gives the same batches; `seed=None` shuffles and
-  corrupts differently on every call. `repeat=True` cycles forever.
+  before packing. The same `seed` gives the same batches on the returned dataset's
+  first pass (iterating it again reshuffles, as tf.data does); `seed=None` shuffles and
+  corrupts differently on every call. `repeat=True` cycles forever. Raises before
+  building if any task (each member of a mixture) would yield no example here.
   """
   converter = feature_converter(architecture, pack)
   provider = _mixture_or_task(mixture_or_task_name)

@@ -1,15 +1,16 @@
-"""The ul2x seqio tasks over the embedded corpus: `ul2x_span_corruption`, `ul2x_prefix_lm`."""
-
-import functools
+"""The ul2x seqio tasks over the embedded corpus: `ul2x_span_corruption`, `ul2x_prefix_lm`
+and the UL2 mixture `ul2x_ul2` with its seven member tasks `ul2x_ul2_<denoiser>`."""
 
 import seqio
 import tensorflow as tf
 
-from ul2x.tasks import preprocessors
+from ul2x.tasks import preprocessors, ul2
 from ul2x.tasks.corpus import SPLITS, corpus_lines
-from ul2x.tasks.vocabularies import byte_vocabulary
+from ul2x.tasks.ul2 import output_features  # noqa: F401  (part of this module's API)
 
-TASK_NAMES = ("ul2x_span_corruption", "ul2x_prefix_lm")
+UL2_MIXTURE_NAME = "ul2x_ul2"
+TASK_NAMES = ("ul2x_span_corruption", "ul2x_prefix_lm") + tuple(
+    f"{UL2_MIXTURE_NAME}_{d.name}" for d in ul2.UL2_DENOISERS)
 
 
 def corpus_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
@@ -25,27 +26,9 @@ def corpus_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> 
   return ds
 
 
-def output_features() -> dict[str, seqio.Feature]:
-  """`inputs` and `targets`: int32 byte-vocabulary ids, EOS appended."""
-  return {key: seqio.Feature(byte_vocabulary(), add_eos=True, dtype=tf.int32)
-          for key in ("inputs", "targets")}
-
-
 def register_tasks() -> None:
-  """Registers (or re-registers, replacing) the tasks in `TASK_NAMES`."""
+  """Registers (or re-registers, replacing) the tasks in `TASK_NAMES` and `ul2x_ul2`."""
   source = seqio.FunctionDataSource(corpus_dataset, splits=SPLITS)
-  for name, denoiser in zip(TASK_NAMES, (preprocessors.span_corruption, preprocessors.prefix_lm)):
-    if name in seqio.TaskRegistry.names():
-      seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=source,
-        output_features=output_features(),
-        preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-            denoiser,
-            seqio.preprocessors.append_eos_after_trim,
-        ],
-        metric_fns=[],
-    )
+  ul2.register_denoising_task("ul2x_span_corruption", source, preprocessors.span_corruption)
+  ul2.register_denoising_task("ul2x_prefix_lm", source, preprocessors.prefix_lm)
+  ul2.register_ul2_mixture(UL2_MIXTURE_NAME, source)

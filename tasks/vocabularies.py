@@ -1,26 +1,106 @@
-"""The byte vocabulary (ByT5 layout) and its span-corruption sentinels.
+"""Vocabularies with reserved ids: the byte vocabulary, local SentencePiece models, sentinels
+and the UL2 paradigm tokens.
 
-Ids: 0 pad, 1 eos, 2 unk, bytes 0..255 at 3..258, then `NUM_SENTINELS` extra
-ids on top; sentinel i is `vocab_size - 1 - i` (sentinel 0 is the last id).
+Every ul2x vocabulary ends with the same reserved block, so one set of id formulas
+serves both kinds:
+
+  ... | [NLU] [NLG] [S2S] | sentinel S-1 ... sentinel 1, sentinel 0   (the last id)
+
+Sentinel i is `vocab_size - 1 - i` (seqio's span-corruption convention) and the
+paradigm tokens sit just below the S sentinels. Both are single ids, inserted by id:
+never spelled out as text and split into bytes or pieces.
+
+- Byte vocabulary (ByT5 layout): 0 pad, 1 eos, 2 unk, bytes 0..255 at 3..258, then
+  125 extra ids (259..383): the paradigm tokens at 259, 260, 261 and
+  `NUM_SENTINELS` = 122 sentinels. `vocab_size` is 384, the models' vocabulary size.
+- SentencePiece: a model trained by `python -m ul2x.tasks.train_vocab` ends with the
+  user-defined pieces `[NLU] [NLG] [S2S]` (so these strings in text also encode to
+  the single ids); seqio appends the sentinels as extra ids, `NUM_SENTINELS` unless
+  asked for more (long X-denoiser examples need about length / 6 of them).
 """
 
 import functools
 
 import seqio
+import tensorflow as tf
+from google.protobuf import message
 
-NUM_SENTINELS = 100
+PARADIGM_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
+# 122 + 3 paradigm tokens = ByT5's 125 extra ids: the byte vocabulary has 384 ids.
+NUM_SENTINELS = 122
+_TRAIN_VOCAB_HINT = "train one with `python -m ul2x.tasks.train_vocab` (see docs/ul2.md)"
 
 
 @functools.cache
 def byte_vocabulary() -> seqio.ByteVocabulary:
-  """The one shared `seqio.ByteVocabulary(extra_ids=NUM_SENTINELS)`; vocab_size 359."""
-  return seqio.ByteVocabulary(extra_ids=NUM_SENTINELS)
+  """The one shared byte vocabulary: 384 ids, the last 125 reserved (module docstring)."""
+  return seqio.ByteVocabulary(extra_ids=NUM_SENTINELS + len(PARADIGM_TOKENS))
+
+
+@functools.cache
+def sentencepiece_vocabulary(model_path: str,
+                             num_sentinels: int = NUM_SENTINELS) -> seqio.SentencePieceVocabulary:
+  """A SentencePiece model from `python -m ul2x.tasks.train_vocab`, plus `num_sentinels`.
+
+  Raises if the model cannot be read or lacks the paradigm-token pieces at its end.
+  """
+  vocab = seqio.SentencePieceVocabulary(model_path, extra_ids=num_sentinels)
+  num_sentinels_of(vocab)
+  return vocab
+
+
+def num_sentinels_of(vocab: seqio.Vocabulary) -> int:
+  """How many sentinels `vocab` reserves; raises unless it ends with the reserved block."""
+  if isinstance(vocab, seqio.ByteVocabulary) and vocab.extra_ids > len(PARADIGM_TOKENS):
+    return vocab.extra_ids - len(PARADIGM_TOKENS)
+  if not isinstance(vocab, seqio.SentencePieceVocabulary) or vocab.extra_ids < 1:
+    raise ValueError(
+        f"vocabulary {vocab} is not a ul2x vocabulary (it lacks the paradigm tokens and "
+        "sentinels); use ul2x.tasks.vocabularies.byte_vocabulary() or "
+        "sentencepiece_vocabulary(path).")
+  try:
+    first = vocab.vocab_size - vocab.extra_ids - len(PARADIGM_TOKENS)
+    pieces = tuple(vocab.tokenizer.id_to_piece(first + j) for j in range(len(PARADIGM_TOKENS)))
+  except (tf.errors.OpError, message.DecodeError, RuntimeError) as e:
+    raise ValueError(f"cannot load SentencePiece model {vocab.sentencepiece_model_file!r} "
+                     f"({' '.join(str(e).split())}); {_TRAIN_VOCAB_HINT}.") from e
+  if pieces != PARADIGM_TOKENS:
+    raise ValueError(
+        f"SentencePiece model {vocab.sentencepiece_model_file!r} does not end with the "
+        f"paradigm tokens {' '.join(PARADIGM_TOKENS)} (its last pieces are "
+        f"{' '.join(pieces)}); {_TRAIN_VOCAB_HINT}.")
+  return vocab.extra_ids
 
 
 def sentinel_id(vocab: seqio.Vocabulary, i: int) -> int:
   """Id of sentinel `i` (0-based) in `vocab`: `vocab.vocab_size - 1 - i`."""
-  if not 0 <= i < vocab.extra_ids:
-    raise ValueError(
-        f"sentinel index {i} is out of range: the vocabulary has {vocab.extra_ids} "
-        f"sentinels (0..{vocab.extra_ids - 1}).")
+  count = num_sentinels_of(vocab)
+  if not 0 <= i < count:
+    raise ValueError(f"sentinel index {i} is out of range: the vocabulary has {count} "
+                     f"sentinels (0..{count - 1}).")
   return vocab.vocab_size - 1 - i
+
+
+def paradigm_token_id(vocab: seqio.Vocabulary, token: str) -> int:
+  """Id of the UL2 paradigm (mode) token `token`, one of `PARADIGM_TOKENS`."""
+  if token not in PARADIGM_TOKENS:
+    raise ValueError(f"paradigm token {token!r} is not one of {', '.join(PARADIGM_TOKENS)}.")
+  return (vocab.vocab_size - num_sentinels_of(vocab) - len(PARADIGM_TOKENS)
+          + PARADIGM_TOKENS.index(token))
+
+
+def decode_with_reserved(vocab: seqio.Vocabulary, ids) -> str:
+  """Text of `ids`, showing paradigm tokens as `[NLU]`..., sentinel i as `<extra_id_i>`
+  and EOS as `</s>`; padding is dropped. For looking at examples; training never decodes."""
+  names = {paradigm_token_id(vocab, t): t for t in PARADIGM_TOKENS}
+  names.update({vocab.vocab_size - 1 - i: f"<extra_id_{i}>"
+                for i in range(num_sentinels_of(vocab))})
+  names[vocab.eos_id] = "</s>"
+  text, run = [], []
+  for i in (int(i) for i in ids):
+    if i in names:
+      text += [vocab.decode(run), names[i]]
+      run = []
+    elif i != 0:
+      run.append(i)
+  return "".join(text + [vocab.decode(run)])

@@ -25,14 +25,13 @@ def _is_sentinel(token) -> bool:
 
 
 def _train_chunks(chunk_length: int, count: int) -> list[list[int]]:
-  """The first `count` chunks of the train split, in file order, as the tasks cut them."""
-  chunks = []
+  """The first `count` chunks of the train split's token stream, in file order, as the
+  denoisers cut it: documents concatenated, each ended by EOS, then equal chunks."""
+  stream = []
   for line in corpus.corpus_lines("train"):
-    tokens = VOCAB.encode(line)
-    chunks += [tokens[i:i + chunk_length] for i in range(0, len(tokens), chunk_length)
-               if len(tokens) - i >= 2]
-    if len(chunks) >= count:
-      return chunks[:count]
+    stream += VOCAB.encode(line) + [VOCAB.eos_id]
+    if len(stream) >= chunk_length * count:
+      return [stream[i * chunk_length:(i + 1) * chunk_length] for i in range(count)]
   raise AssertionError(f"the train split has fewer than {count} chunks")
 
 
@@ -69,35 +68,38 @@ def test_corpus_splits_are_real_disjoint_text():
 
 def test_byte_vocabulary_and_sentinels():
   assert vocabularies.byte_vocabulary() is VOCAB
-  assert VOCAB.vocab_size == 3 + 256 + 100 and VOCAB.eos_id == 1
+  assert VOCAB.vocab_size == 3 + 256 + 125 == 384 and VOCAB.eos_id == 1
   assert VOCAB.encode("A") == [ord("A") + 3]
-  assert FIRST_SENTINEL == VOCAB.vocab_size - 1 and LAST_SENTINEL == 3 + 256
-  with pytest.raises(ValueError, match="sentinel index 100"):
-    vocabularies.sentinel_id(VOCAB, 100)
+  assert FIRST_SENTINEL == VOCAB.vocab_size - 1 and LAST_SENTINEL == 3 + 256 + 3
+  assert [vocabularies.paradigm_token_id(VOCAB, t) for t in vocabularies.PARADIGM_TOKENS] == [
+      259, 260, 261]
+  with pytest.raises(ValueError, match="sentinel index 122 is out of range"):
+    vocabularies.sentinel_id(VOCAB, vocabularies.NUM_SENTINELS)
+  with pytest.raises(ValueError, match=r"paradigm token '\[MLM\]' is not one of"):
+    vocabularies.paradigm_token_id(VOCAB, "[MLM]")
 
 
 def test_span_corruption_statistics_and_round_trip():
-  # 128/64 gives chunks of 141 tokens: 21 noise tokens in 7 spans. (64/32 gives 70
-  # tokens with 10 in 3 spans, T5's rounding puts the mean span at 3.33 there.)
+  # 128/64 gives chunks of 141 tokens: 21 noise tokens in 7 spans (inputs 128 with EOS).
   lengths = {"inputs": 128, "targets": 64}
   chunk_length = preprocessors.span_corruption_chunk_length(lengths)
   assert chunk_length == 141
-  originals = _train_chunks(chunk_length, 2000)
-  examples = _task_examples("ul2x_span_corruption", lengths, 2000)
-  assert len(examples) == 2000
-  noise_tokens = total_tokens = num_spans = 0
+  assert preprocessors.span_counts(chunk_length, 0.15, 3.0) == (21, 7)
+  originals = _train_chunks(chunk_length, 500)
+  examples = _task_examples("ul2x_span_corruption", lengths, 500)
+  assert len(examples) == 500
+  noise_tokens = num_spans = 0
   for original, ex in zip(originals, examples):
     inputs, targets = ex["inputs"], ex["targets"]
     assert inputs[-1] == VOCAB.eos_id and targets[-1] == VOCAB.eos_id
-    assert len(inputs) <= lengths["inputs"] and len(targets) <= lengths["targets"]
+    assert len(inputs) == lengths["inputs"] and len(targets) == 21 + 7 + 1
     assert _is_sentinel(targets[0]) and _is_sentinel(inputs[-2])
     merged, span_lengths = _merge_spans(inputs[:-1], targets[:-1])
     assert merged == original
     assert min(span_lengths) >= 1
     noise_tokens += sum(span_lengths)
     num_spans += len(span_lengths)
-    total_tokens += len(original)
-  assert noise_tokens / total_tokens == pytest.approx(0.15, rel=0.05)
+  assert noise_tokens / (500 * chunk_length) == pytest.approx(0.15, rel=0.05)
   assert noise_tokens / num_spans == pytest.approx(3.0, rel=0.05)
 
 
@@ -116,12 +118,13 @@ def test_prefix_lm_splits_chunks_without_loss():
 
 
 def test_feature_lengths_too_short_raise():
-  with pytest.raises(ValueError, match="inputs=2, targets=32 .*minimum is inputs=3"):
+  with pytest.raises(ValueError, match="inputs=2, targets=32 are too short for span_corruption"
+                                       ".*minimum is inputs=3 and targets=3"):
     preprocessors.span_corruption_chunk_length({"inputs": 2, "targets": 32})
   with pytest.raises(ValueError, match="inputs=64, targets=1 .*minimum is inputs=2"):
     ul2x.tasks.get_dataset("ul2x_prefix_lm", {"inputs": 64, "targets": 1}, "train", 2)
-  with pytest.raises(ValueError, match="up to 114 noise spans.* 100 sentinels"):
-    ul2x.tasks.get_dataset("ul2x_span_corruption", {"inputs": 2048, "targets": 512}, "train", 2)
+  with pytest.raises(ValueError, match="227 noise spans, but the vocabulary has 122 sentinels"):
+    ul2x.tasks.get_dataset("ul2x_span_corruption", {"inputs": 4096, "targets": 1024}, "train", 2)
 
 
 def _first_batches(name: str, count: int = 3, **kwargs) -> list[dict[str, np.ndarray]]:
@@ -178,7 +181,8 @@ def test_batch_features_shapes_and_dtypes(architecture, features, pack):
 
 def test_bad_names_raise_listing_choices():
   with pytest.raises(ValueError, match=r"unknown seqio task or mixture 'nope'; registered: .*"
-                                       r"ul2x_prefix_lm, ul2x_span_corruption"):
+                                       r"ul2x_prefix_lm, ul2x_span_corruption, ul2x_ul2, "
+                                       r"ul2x_ul2_r3_15"):
     ul2x.tasks.get_dataset("nope", SMALL, "train", 2)
   with pytest.raises(ValueError, match="architecture 'gpt'"):
     ul2x.tasks.feature_lengths_for("gpt", SMALL)

@@ -4,10 +4,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from ul2x import partitioning
-from ul2x.model import TransformerConfig
+from ul2x.model import TransformerConfig, build_model
+from ul2x.model.losses import cross_entropy_sums
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.steps import init_train_state, make_train_step
 
@@ -37,3 +39,23 @@ def build(mesh_sizes: dict, cfg=TINY, *, num_microbatches: int = 1, optimizer="a
                                  num_microbatches=num_microbatches),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
   return state, step, batch_sharding
+
+
+def loss_and_grads(mesh_sizes: dict, cfg, batch: dict):
+  """Cross-entropy sum and its parameter gradients, jitted on a mesh of prod(sizes)
+  devices with parameters in their sharded layout (same seed-0 initialisation as `build`)."""
+  devices = jax.devices()[:math.prod(mesh_sizes.values())]
+  mesh = partitioning.create_mesh(**mesh_sizes, devices=devices)
+  rules = partitioning.standard_logical_axis_rules()
+  graphdef, _, shardings = init_train_state(cfg, create_optimizer(1)[0], mesh, rules, seed=0)
+  params = nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0))))
+  params = jax.device_put(params, shardings["params"])
+
+  def loss(params, batch):
+    with partitioning.axis_rules(mesh, rules):
+      logits = nnx.merge(graphdef, params)(batch)
+    return cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                              batch["decoder_loss_weights"])["loss"]
+
+  batch = jax.device_put(batch, NamedSharding(mesh, partitioning.batch_spec(rules, mesh)))
+  return jax.jit(jax.value_and_grad(loss))(params, batch)

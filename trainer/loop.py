@@ -5,10 +5,12 @@ import os
 import gin
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ul2x import partitioning
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
+from ul2x.model.moe import upcycle_dense_params
 from ul2x.tasks import pipeline
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
@@ -25,6 +27,21 @@ def _global_batch(local: dict, shardings: dict) -> dict:
 def _say(message: str):
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def _dense_params(path: str) -> dict:
+  """Params of the latest checkpoint under `path`: a MODEL_DIR or its checkpoints/."""
+  directory = os.path.join(path, "checkpoints")
+  directory = os.path.abspath(directory if os.path.isdir(directory) else path)
+  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  step = manager and manager.latest_step()
+  if step is None:
+    raise ValueError(f"train.init_from_dense_checkpoint={path!r} holds no checkpoint; pass "
+                     "the MODEL_DIR of a dense run (or its checkpoints/ directory).")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  _say(f"upcycling the dense checkpoint {directory} at step {step}")
+  return jax.device_get(restored["state"]["params"])  # host arrays: placed by the caller's jit
 
 
 def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
@@ -47,8 +64,13 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           seed: int = 0, pack: bool = True, log_every: int = 10, eval_every: int = 100,
           eval_batches: int = 4, eval_split: str = "validation",
           checkpoint_every: int = 500, keep_checkpoints: int = 3,
-          async_checkpointing: bool = True, logical_axis_rules=None) -> dict:
+          async_checkpointing: bool = True, logical_axis_rules=None,
+          moe_aux_loss: float = 1e-2, router_z_loss: float = 1e-3,
+          init_from_dense_checkpoint: str | None = None) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
+
+  A fresh MoE run with `init_from_dense_checkpoint` (a dense run's MODEL_DIR)
+  starts from that checkpoint's params, each MLP copied into every expert.
 
   Returns the last logged metrics (a dict of floats).
   """
@@ -70,6 +92,10 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   if latest is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)()
     data_position = {"train_batches": 0}
+    if init_from_dense_checkpoint:
+      upcycle = jax.jit(lambda dense, moe: upcycle_dense_params(dense, moe, cfg),
+                        out_shardings=state_shardings["params"])
+      state["params"] = upcycle(_dense_params(init_from_dense_checkpoint), state["params"])
   else:
     state, data_position = ckpt.restore(latest, jax.eval_shape(init_fn), state_shardings)
     _say(f"resumed from {ckpt.directory} at step {latest}")
@@ -92,7 +118,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
 
   step_fn = jax.jit(
       make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules,
-                      num_microbatches=num_microbatches, z_loss=z_loss, dropout_seed=seed),
+                      num_microbatches=num_microbatches, z_loss=z_loss,
+                      moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
+                      dropout_seed=seed),
       in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(graphdef, mesh=mesh, rules=rules, z_loss=z_loss),
@@ -117,8 +145,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
     state, metrics = step_fn(state, _global_batch(next(train_iter), batch_shardings))
     data_position["train_batches"] += 1
     if step % log_every == 0 or step == train_steps:
-      scalars = progress.report(step, jax.device_get(metrics))
-      train_writer.write(step, scalars)
+      metrics = jax.device_get(metrics)
+      scalars = progress.report(step, metrics)
+      train_writer.write(step, {**metrics, **scalars})
     if eval_data and (step % eval_every == 0 or step == train_steps):
       sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
       totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}

@@ -5,6 +5,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tensorflow as tf
 
 # Dense bf16 peak FLOP/s per device from vendor data sheets; first substring match wins.
@@ -42,7 +43,8 @@ def peak_flops_per_device() -> float:
 
 
 class MetricsWriter:
-  """TensorBoard scalars under `directory` (only process 0 writes)."""
+  """TensorBoard scalars, and histograms of vector metrics (e.g. MoE tokens per expert),
+  under `directory` (only process 0 writes)."""
 
   def __init__(self, directory: str):
     self.writer = (tf.summary.create_file_writer(directory)
@@ -53,7 +55,10 @@ class MetricsWriter:
       return
     with self.writer.as_default():
       for name, value in scalars.items():
-        tf.summary.scalar(name, float(value), step=step)
+        if np.ndim(value):
+          tf.summary.histogram(name, np.asarray(value, np.float32), step=step)
+        else:
+          tf.summary.scalar(name, float(value), step=step)
     self.writer.flush()
 
 
@@ -77,12 +82,13 @@ class Progress:
     self.last_step, self.last_time = step, time.perf_counter()
 
   def report(self, step: int, metrics: dict) -> dict:
-    """Adds speed metrics to `metrics`, prints the line, returns the scalars."""
+    """Adds speed metrics to `metrics`, prints the line, returns the scalars (vector
+    metrics are left out)."""
     now = time.perf_counter()
     steps = step - self.last_step
     step_time = (now - self.last_time) / max(steps, 1)
     self.mark(step)
-    scalars = {k: float(v) for k, v in metrics.items()}
+    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     scalars.update(step_time=step_time, tokens_per_second=self.tokens_per_step / step_time,
                    mfu=self.flops_per_step / step_time / self.peak_flops)
     if jax.process_index() == 0:
@@ -90,5 +96,14 @@ class Progress:
             f"acc {scalars['accuracy']:.3f}  lr {scalars['learning_rate']:.2e}  "
             f"gnorm {scalars['grad_norm']:.3f}  tok/s {scalars['tokens_per_second']:,.0f}  "
             f"step {step_time * 1e3:.0f} ms  MFU {100 * scalars['mfu']:.1f}%  "
-            f"ETA {_clock(step_time * (self.total_steps - step))}", flush=True)
+            f"ETA {_clock(step_time * (self.total_steps - step))}" + _moe_summary(scalars),
+            flush=True)
     return scalars
+
+
+def _moe_summary(scalars: dict) -> str:
+  """MoE models: router losses (summed over MoE layers) and unrouted tokens."""
+  if "moe/aux_loss" not in scalars:
+    return ""
+  return (f"  moe aux {scalars['moe/aux_loss']:.3f}  rz {scalars['moe/router_z_loss']:.3f}  "
+          f"unrouted {100 * scalars['moe/unrouted_fraction']:.1f}%")

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec
 from ul2x import partitioning
 from ul2x.model import build_model
 from ul2x.model.losses import SUM_KEYS, cross_entropy_sums
+from ul2x.model.moe import pop_router_metrics
 
 
 def init_train_state(cfg, tx, mesh, rules, seed: int):
@@ -32,9 +33,12 @@ def init_train_state(cfg, tx, mesh, rules, seed: int):
 
 
 def _sums(graphdef, params, batch, key, z_loss):
-  logits = nnx.merge(graphdef, params)(batch, dropout_key=key)
-  return cross_entropy_sums(logits, batch["decoder_target_tokens"],
+  """-> (token sums, MoE router losses and metrics: {} for a dense model)."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch, dropout_key=key)
+  sums = cross_entropy_sums(logits, batch["decoder_target_tokens"],
                             batch["decoder_loss_weights"], z_loss)
+  return sums, pop_router_metrics(model)
 
 
 def summarize(sums: dict) -> dict:
@@ -53,12 +57,21 @@ def _microbatches(batch, n: int):
 
 
 def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: int = 1,
-                    z_loss: float = 1e-4, dropout_seed: int = 0):
+                    z_loss: float = 1e-4, moe_aux_loss: float = 1e-2,
+                    router_z_loss: float = 1e-3, dropout_seed: int = 0):
   """train_step(state, batch) -> (state, metrics). The loss is normalized by the
-  number of target tokens in the whole batch, so microbatching changes nothing."""
-  def loss_and_sums(params, batch, key):
-    sums = _sums(graphdef, params, batch, key, z_loss)
-    return sums["loss"], sums
+  number of target tokens in the whole batch, so microbatching changes nothing.
+  MoE models add `moe_aux_loss` x load-balancing loss + `router_z_loss` x router
+  z-loss (each a mean over routing groups, summed over layers) to the objective;
+  their metrics ('moe/...') are averaged over microbatches."""
+  def loss_and_sums(params, batch, key, total_weight):
+    sums, router = _sums(graphdef, params, batch, key, z_loss)
+    if router:
+      # Router losses are group means: in token-sum units of the whole batch, split
+      # evenly over microbatches, they become plain means after the division below.
+      extra = moe_aux_loss * router["moe/aux_loss"] + router_z_loss * router["moe/router_z_loss"]
+      sums["loss"] = sums["loss"] + extra * total_weight / num_microbatches
+    return sums["loss"], (sums, router)
 
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
 
@@ -66,23 +79,27 @@ def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: in
     with partitioning.axis_rules(mesh, rules):
       params = state["params"]
       key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+      total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)),
+                                 1.0)
       if num_microbatches == 1:
-        grads, sums = grad_fn(params, batch, key)
+        grads, (sums, router) = grad_fn(params, batch, key, total_weight)
       else:
         def body(carry, xs):
           i, micro = xs
-          g, s = grad_fn(params, micro, jax.random.fold_in(key, i))
-          return jax.tree.map(jnp.add, carry, (g, s)), None
+          g, (s, r) = grad_fn(params, micro, jax.random.fold_in(key, i), total_weight)
+          return jax.tree.map(jnp.add, carry, (g, s)), r
 
         zeros = (jax.tree.map(jnp.zeros_like, params),
                  {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
-        (grads, sums), _ = jax.lax.scan(
+        (grads, sums), router = jax.lax.scan(
             body, zeros, (jnp.arange(num_microbatches), _microbatches(batch, num_microbatches)))
+        router = jax.tree.map(lambda x: jnp.mean(x, axis=0), router)
       grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                    "opt_state": opt_state}
       metrics = summarize(sums)
+      metrics.update(router)
       metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
       return new_state, metrics
 
@@ -94,6 +111,6 @@ def make_eval_step(graphdef, *, mesh, rules, z_loss: float = 1e-4):
 
   def eval_step(params, batch):
     with partitioning.axis_rules(mesh, rules):
-      return _sums(graphdef, params, batch, None, z_loss)
+      return _sums(graphdef, params, batch, None, z_loss)[0]
 
   return eval_step

@@ -1,0 +1,139 @@
+"""Times the UL2 mixture's input pipeline against the train step that consumes it; prints JSON.
+
+Three measurements of the quick-start configuration (the tiny model of
+`gin_configs/models/tiny.gin`, `ul2x_ul2`, batch 16, inputs 128 / targets 64, packed,
+mesh data=4 x fsdp=2), each after a warm-up:
+
+- `pipeline`: `ul2x.tasks.get_dataset` alone: batches, examples (before packing) and
+  non-padding tokens per second, plus its start-up time;
+- `train_step`: the jitted train step on one fixed real batch (no input pipeline);
+- `fed_train_step`: the train step fed batch by batch from the pipeline, as
+  `trainer.loop` does, both sharing the machine.
+
+The two step timings alternate in rounds (median reported) so that load from other
+processes affects both alike.
+
+The pipeline is not the bottleneck when its batch rate is well above the train
+step's and the fed step takes about as long as the fixed-batch step. Run on 8
+simulated CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+    .venv/bin/python bench/input_pipeline.py
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import gin
+import jax
+import numpy as np
+
+import ul2x.tasks
+from ul2x import gin_setup, partitioning
+from ul2x.model import TransformerConfig
+from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.steps import init_train_state, make_train_step
+
+
+def pipeline_rates(batches: list[dict[str, np.ndarray]], seconds: float) -> dict:
+  """Per-second rates of `batches` produced in `seconds`: batches, examples (packed
+  segments), non-padding tokens and positions over all features' token arrays."""
+  tokens = [k for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batches[0]]
+  examples = sum(int(b["decoder_segment_ids"].max(axis=1).sum()) for b in batches)
+  non_padding = sum(int((b[k] != 0).sum()) for b in batches for k in tokens)
+  positions = sum(b[k].size for b in batches for k in tokens)
+  return {"batches_per_s": len(batches) / seconds, "examples_per_s": examples / seconds,
+          "tokens_per_s": non_padding / seconds, "positions_per_s": positions / seconds,
+          "examples_per_row": examples / sum(len(b[tokens[0]]) for b in batches),
+          "non_padding_fraction": {k: sum(int((b[k] != 0).sum()) for b in batches) /
+                                   sum(b[k].size for b in batches) for k in tokens}}
+
+
+def time_pipeline(args) -> tuple[dict, dict[str, np.ndarray]]:
+  start = time.perf_counter()
+  ds = ul2x.tasks.get_dataset(args.mixture, args.lengths, "train", args.batch_size,
+                              architecture=args.architecture, seed=0)
+  built = time.perf_counter()
+  it = ds.as_numpy_iterator()
+  first = next(it)
+  first_batch = time.perf_counter()
+  for _ in range(args.warmup_batches):
+    next(it)
+  start_timed = time.perf_counter()
+  batches = [next(it) for _ in range(args.batches)]
+  result = pipeline_rates(batches, time.perf_counter() - start_timed)
+  result.update(build_s=built - start, first_batch_s=first_batch - built)
+  return result, first
+
+
+def time_train_step(args, batch: dict[str, np.ndarray]) -> dict:
+  """Step time on `batch` repeated and fed from a fresh pipeline (see module docstring),
+  measured in alternating rounds so that load from elsewhere hits both alike."""
+  cfg = TransformerConfig()
+  mesh = partitioning.create_mesh(data=4, fsdp=2)
+  rules = partitioning.standard_logical_axis_rules()
+  tx, schedule = create_optimizer(1000)
+  graphdef, init_fn, shardings = init_train_state(cfg, tx, mesh, rules, seed=0)
+  state = jax.jit(init_fn, out_shardings=shardings)()
+  sharding = jax.sharding.NamedSharding(mesh, partitioning.batch_spec(rules, mesh))
+  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules),
+                 in_shardings=(shardings, sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+  def put(local):
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+  fixed = put(batch)
+  it = ul2x.tasks.get_dataset(args.mixture, args.lengths, "train", args.batch_size,
+                              architecture=args.architecture, seed=1).as_numpy_iterator()
+  feeds = {"train_step": lambda: fixed, "fed_train_step": lambda: put(next(it))}
+  for _ in range(args.warmup_batches):  # compile, warm up, fill the pipeline's buffers
+    for feed in feeds.values():
+      state, metrics = step(state, feed())
+  jax.block_until_ready(metrics)
+  times = {name: [] for name in feeds}
+  for _ in range(args.rounds):
+    for name, feed in feeds.items():
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        state, metrics = step(state, feed())
+      jax.block_until_ready(metrics)
+      times[name].append((time.perf_counter() - start) / args.steps)
+  return {name: {"step_s": float(np.median(t)), "batches_per_s": 1 / float(np.median(t)),
+                 "rounds_step_s": t} for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--mixture", default=ul2x.tasks.UL2_MIXTURE_NAME)
+  parser.add_argument("--model_gin", default="gin_configs/models/tiny.gin")
+  parser.add_argument("--inputs", type=int, default=128)
+  parser.add_argument("--targets", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--batches", type=int, default=300, help="timed pipeline batches")
+  parser.add_argument("--warmup_batches", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=20, help="timed train steps per round")
+  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per feed")
+  args = parser.parse_args()
+  gin.parse_config_file(os.path.join(gin_setup.PACKAGE_DIR, args.model_gin))
+  args.architecture = TransformerConfig().architecture
+  args.lengths = {"inputs": args.inputs, "targets": args.targets}
+
+  pipeline, batch = time_pipeline(args)
+  steps = time_train_step(args, batch)
+  print(json.dumps({
+      "bench": "input_pipeline", "machine": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(), "num_devices": jax.device_count(),
+      "mixture": args.mixture, "model": args.model_gin, "architecture": args.architecture,
+      "task_feature_lengths": args.lengths, "batch_size": args.batch_size, "pack": True,
+      "pipeline": pipeline, **steps,
+      "pipeline_batches_per_train_step": pipeline["batches_per_s"] * steps["train_step"]["step_s"],
+      "fed_over_fixed_step_time": steps["fed_train_step"]["step_s"] / steps["train_step"]["step_s"],
+  }, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,464 @@
+"""Mixture-of-experts MLP: expert-choice and top-k token-choice routers, capacity-bounded
+expert-parallel dispatch, router losses and metrics, and sparse upcycling of dense params.
+
+Tokens are routed in groups. A group holds `chunk` consecutive positions of
+`rows` sequences and lists them position-major (position 0 of every row, then
+position 1, ...), so a token's place in the group never depends on a later
+position. Token choice fills each expert's slots in that order, which keeps a
+causal decoder causal; expert choice compares all tokens of a group and is only
+allowed where attention is bidirectional (checked by TransformerConfig).
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from ul2x import partitioning
+from ul2x.kernels.moe_dispatch import DISPATCH_FNS, from_experts, to_experts
+from ul2x.model.layers import Dense, dropout, variance_scaling_init
+
+ROUTERS = ("expert_choice", "top1", "top2")
+TOP_K = {"top1": 1, "top2": 2}
+HISTOGRAM_BINS = 5  # tokens with 0, 1, 2, 3 and 4 or more experts
+_LOSSES = ("aux_loss", "router_z_loss")
+_VECTORS = ("tokens_per_expert", "experts_per_token")
+
+
+class Routing(NamedTuple):
+  """Expert slots of each routing group, each [groups, experts, capacity]."""
+  token: jax.Array  # int32: index of the slot's token within its group
+  weight: jax.Array  # float32: the expert output's weight in the token's output (0 if unused)
+  valid: jax.Array  # bool: the slot holds a token
+
+
+def group_layout(batch: int, length: int, group_size: int) -> tuple[int, int]:
+  """-> (rows, chunk): a group holds `chunk` positions of `rows` sequences.
+
+  group_size >= length: whole sequences, group_size // length of them (fewer if
+  the batch has fewer rows: the gcd with the batch). group_size < length: it
+  must divide the length; each group is one chunk of one sequence.
+  """
+  if group_size >= length:
+    return math.gcd(batch, group_size // length), length
+  if length % group_size:
+    raise ValueError(
+        f"group_size={group_size} must divide the sequence length {length} or be at least "
+        f"it; set --gin.TransformerConfig.group_size to a divisor or multiple of {length}.")
+  return 1, group_size
+
+
+def to_groups(x, rows: int, chunk: int):
+  """[batch, length, ...] -> [groups, rows * chunk, ...], position-major in each group."""
+  b, l, rest = x.shape[0], x.shape[1], x.shape[2:]
+  x = x.reshape(b // rows, rows, l // chunk, chunk, *rest)
+  x = jnp.moveaxis(x, 1, 3)  # [b/rows, l/chunk, chunk, rows, ...]
+  return x.reshape(b // rows * (l // chunk), chunk * rows, *rest)
+
+
+def from_groups(y, batch: int, length: int, rows: int, chunk: int):
+  """Inverse of `to_groups`: [groups, rows * chunk, ...] -> [batch, length, ...]."""
+  rest = y.shape[2:]
+  y = y.reshape(batch // rows, length // chunk, chunk, rows, *rest)
+  return jnp.moveaxis(y, 3, 1).reshape(batch, length, *rest)
+
+
+def expert_capacity(group_tokens: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots per expert and group: capacity_factor x group_tokens / num_experts, rounded
+  down and at most group_tokens. capacity_factor is the average number of expert
+  slots per token, for every router (top-2 with capacity_factor 2 has no slack)."""
+  capacity = min(int(capacity_factor * group_tokens / num_experts + 1e-6), group_tokens)
+  if capacity < 1:
+    raise ValueError(
+        f"capacity_factor={capacity_factor} x {group_tokens} tokens per group / "
+        f"num_experts={num_experts} gives an expert capacity of 0 tokens, so nothing could "
+        "be routed; raise --gin.TransformerConfig.capacity_factor or group_size, or use "
+        "fewer experts.")
+  return capacity
+
+
+def expert_choice_routing(probs, mask, capacity: int) -> Routing:
+  """probs: [G, S, E] float32 router probabilities; mask: [G, S] bool (False: padding).
+
+  Each expert takes the `capacity` tokens of the group it gives the highest
+  probability (ties: lower index first), weighted by that probability. A token
+  may get any number of experts, including none. Padding only lands in slots
+  left unused."""
+  scores = jnp.where(mask[..., None], probs, -1.0)
+  gate, token = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+  valid = gate >= 0.0
+  return Routing(token.astype(jnp.int32), jnp.where(valid, gate, 0.0), valid)
+
+
+def token_choice_routing(probs, mask, k: int, capacity: int):
+  """probs: [G, S, E] float32; mask: [G, S] bool -> (routing, expert [G, S, k], kept [G, S, k]).
+
+  Each token picks its top-k experts; weights are the probability for k = 1
+  (Switch) and the top-k probabilities renormalised to sum 1 for k > 1 (GShard).
+  Slots fill in group order, token by token and each token's choices in rank
+  order; an assignment past an expert's capacity is dropped. Padding takes no slot.
+  """
+  g, s, e = probs.shape
+  gate, expert = jax.lax.top_k(probs, k)
+  if k > 1:
+    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+  flat_expert = expert.reshape(g, s * k)
+  real = jnp.repeat(mask, k, axis=1)
+  chosen = jax.nn.one_hot(flat_expert, e, dtype=jnp.int32) * real[..., None]
+  position = jnp.sum((jnp.cumsum(chosen, axis=1) - chosen) * chosen, axis=-1)
+  kept = real & (position < capacity)
+  index = (jnp.arange(g)[:, None], flat_expert, jnp.where(kept, position, capacity))
+  tokens = jnp.broadcast_to(jnp.repeat(jnp.arange(s, dtype=jnp.int32), k), (g, s * k))
+  shape = (g, e, capacity)
+  routing = Routing(
+      jnp.zeros(shape, jnp.int32).at[index].set(tokens, mode="drop"),
+      jnp.zeros(shape, jnp.float32).at[index].set(gate.reshape(g, s * k), mode="drop"),
+      jnp.zeros(shape, bool).at[index].set(True, mode="drop"))
+  return routing, expert, kept.reshape(g, s, k)
+
+
+def _group_mean(values, mask):
+  """Mean over groups of the mean over each group's real tokens. values, mask: [G, S]."""
+  m = mask.astype(jnp.float32)
+  return jnp.mean(jnp.sum(values * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+
+
+def router_z_loss(logits, mask):
+  """ST-MoE router z-loss: logsumexp(router logits)^2, per group mean over real tokens."""
+  return _group_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), mask)
+
+
+def load_balancing_loss(probs, expert, mask):
+  """Switch/GShard auxiliary loss E * sum_e f_e * P_e, averaged over groups: f_e is the
+  fraction of the group's k * tokens choices (before capacity) that go to expert e,
+  P_e its mean router probability. 1.0 when perfectly balanced."""
+  e, k = probs.shape[-1], expert.shape[-1]
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m, axis=1), 1.0)[:, None]
+  chosen = jnp.sum(jax.nn.one_hot(expert, e) * m[..., None, None], axis=(1, 2)) / (n * k)
+  prob = jnp.sum(probs * m[..., None], axis=1) / n
+  return jnp.mean(e * jnp.sum(chosen * prob, axis=-1))
+
+
+def routing_metrics(routing: Routing, logits, mask, kept=None) -> dict:
+  """Scalars (and two vectors) describing one layer's routing of the (micro)batch."""
+  g, s, e = logits.shape
+  m = mask.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(m), 1.0)
+  used = routing.valid.astype(jnp.int32)
+  per_token = jax.vmap(lambda idx, v: jnp.zeros((s,), jnp.int32).at[idx].add(v))(
+      routing.token.reshape(g, -1), used.reshape(g, -1))
+  bins = jax.nn.one_hot(jnp.minimum(per_token, HISTOGRAM_BINS - 1), HISTOGRAM_BINS)
+  histogram = jnp.sum(bins * m[..., None], axis=(0, 1)) / tokens
+  load = jnp.sum(used, axis=(0, 2)).astype(jnp.float32) / g
+  mean_load = jnp.maximum(jnp.mean(load), 1e-9)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+  metrics = {
+      "tokens_per_expert": load, "expert_load_max": jnp.max(load) / mean_load,
+      "expert_load_min": jnp.min(load) / mean_load, "experts_per_token": histogram,
+      "unrouted_fraction": histogram[0], "router_entropy": jnp.sum(entropy * m) / tokens,
+  }
+  if kept is not None:
+    metrics["dropped_fraction"] = 1.0 - jnp.sum(kept) / (tokens * kept.shape[-1])
+  return metrics
+
+
+class Experts(nnx.Module):
+  """Stacked gated-MLP experts: wi_0, wi_1 [experts, embed, mlp], wo [experts, mlp, embed]."""
+
+  def __init__(self, num_experts: int, emb_dim: int, mlp_dim: int, *, rngs: nnx.Rngs):
+    init = variance_scaling_init(1.0, "truncated_normal")
+
+    def stacked(shape):
+      keys = jax.random.split(rngs.params(), num_experts)
+      return jax.vmap(lambda k: init(k, shape, 1))(keys)
+
+    self.wi_0 = nnx.Param(stacked((emb_dim, mlp_dim)), axes=("expert", "embed", "mlp"))
+    self.wi_1 = nnx.Param(stacked((emb_dim, mlp_dim)), axes=("expert", "embed", "mlp"))
+    self.wo = nnx.Param(stacked((mlp_dim, emb_dim)), axes=("expert", "mlp", "embed"))
+
+
+class _Plan(NamedTuple):
+  """How expert slots are laid out over the mesh inside shard_map."""
+  batch_axes: tuple = ()  # mesh axes sharding the groups
+  expert_axes: tuple = ()  # mesh axes sharding the experts
+  tensor_axes: tuple = ()  # mesh axes sharding each expert's hidden dim
+  exchange: str | None = None  # 'all_to_all', 'psum' (tokens replicated) or None
+
+
+def _rule_axes(rules, mesh_shape, name: str, size: int) -> tuple:
+  spec = partitioning.logical_to_spec((name,), rules, mesh_shape, (size,))
+  entry = spec[0] if len(spec) else None
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel_plan(mesh, rules, *, groups: int, num_experts: int, hidden: int) -> _Plan:
+  """Shards experts as the 'expert' rule says (all of them, or an error), groups as
+  the 'batch' rule, and each expert's hidden dim as the 'mlp' rule."""
+  shape = dict(mesh.shape)
+  wanted = next((axes for name, axes in rules if name == "expert"), None)
+  wanted = () if wanted is None else (wanted,) if isinstance(wanted, str) else tuple(wanted)
+  size = math.prod(shape.get(a, 1) for a in wanted)
+  if num_experts % size:
+    raise ValueError(
+        f"num_experts={num_experts} is not divisible by {size}, the size of the mesh axes "
+        f"{wanted} that hold the experts; use a multiple of {size} experts or change "
+        "--gin.create_mesh.expert.")
+  expert_axes = _rule_axes(rules, shape, "expert", num_experts)
+  batch_axes = _rule_axes(rules, shape, "batch", groups)
+  if set(expert_axes) <= set(batch_axes):
+    exchange = "all_to_all" if expert_axes else None
+  else:  # too few groups to spread over the expert axes: each device serves all of them
+    batch_axes = tuple(a for a in batch_axes if a not in expert_axes)
+    exchange = "psum"
+  tensor_axes = tuple(a for a in _rule_axes(rules, shape, "mlp", hidden)
+                      if a not in batch_axes + expert_axes)
+  return _Plan(batch_axes, expert_axes, tensor_axes, exchange)
+
+
+def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *, plan: _Plan, dispatch_name: str,
+                  activation: str, dropout_rate: float):
+  """Per shard: dispatch tokens to slots, run the experts, combine. xg: [G, S, D];
+  routing: [G, E, C] each; wi_*: [E_local, D, H_local]; wo: [E_local, H_local, D]."""
+  dispatch_fn, combine_fn = DISPATCH_FNS[dispatch_name]
+  if plan.exchange == "psum":  # this device's experts only; the combine sums over devices
+    local = wi_0.shape[0]
+    start = jax.lax.axis_index(plan.expert_axes) * local
+    routing = Routing(*(jax.lax.dynamic_slice_in_dim(a, start, local, axis=1)
+                        for a in routing))
+  slots = dispatch_fn(xg, routing.token, routing.valid)
+  if plan.exchange == "all_to_all":
+    slots = to_experts(slots, plan.expert_axes)
+  mesh_axes = plan.batch_axes + plan.expert_axes + plan.tensor_axes
+  if key is not None and mesh_axes:
+    key = jax.random.fold_in(key, jax.lax.axis_index(mesh_axes))
+  act = jax.nn.gelu if activation == "gelu" else jax.nn.silu
+  h = act(jnp.einsum("gecd,edh->gech", slots, wi_0)) * jnp.einsum("gecd,edh->gech", slots, wi_1)
+  out = jnp.einsum("gech,ehd->gecd", dropout(h, dropout_rate, key), wo)
+  if plan.tensor_axes:
+    out = jax.lax.psum(out, plan.tensor_axes)
+  if plan.exchange == "all_to_all":
+    out = from_experts(out, plan.expert_axes)
+  combined = combine_fn(out, routing.token, routing.weight, xg.shape[1])
+  return jax.lax.psum(combined, plan.expert_axes) if plan.exchange == "psum" else combined
+
+
+def _split(key, n):
+  return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class MoeMLP(nnx.Module):
+  """Mixture of gated-MLP experts behind a float32 router, in place of `GatedMLP`.
+
+  `router` is 'expert_choice', 'top1' or 'top2'. Routing happens per group of
+  `cfg.group_size` tokens (see `group_layout`) with `expert_capacity` slots per
+  expert. Under `partitioning.axis_rules` the experts run in a shard_map: expert
+  weights sharded over the 'expert' rule's mesh axes, token slots sent to their
+  experts' devices by all-to-all and back. Each call sows router losses and
+  metrics (`pop_router_metrics` collects them).
+  """
+
+  def __init__(self, cfg, *, router: str, rngs: nnx.Rngs):
+    if router not in ROUTERS:
+      raise ValueError(f"router={router!r} is not one of {ROUTERS}.")
+    hidden = cfg.expert_mlp_dim or cfg.mlp_dim
+    self.router = Dense([cfg.emb_dim], [cfg.num_experts], ("embed", None), dtype=jnp.float32,
+                        rngs=rngs, init_scale=0.1)
+    self.experts = Experts(cfg.num_experts, cfg.emb_dim, hidden, rngs=rngs)
+    self.router_name = router
+    self.num_experts = cfg.num_experts
+    self.group_size = cfg.group_size
+    self.capacity_factor = cfg.capacity_factor
+    self.jitter = cfg.router_jitter
+    self.dispatch = cfg.moe_dispatch
+    self.activation = cfg.activation
+    self.dropout_rate = cfg.dropout_rate
+    self.dtype = cfg.activation_dtype
+
+  def route(self, xg, mask, key=None):
+    """xg: [G, S, embed]; mask: [G, S] bool -> (routing, sown values: losses and metrics)."""
+    capacity = expert_capacity(xg.shape[1], self.num_experts, self.capacity_factor)
+    x32 = xg.astype(jnp.float32)
+    if key is not None and self.jitter > 0:
+      x32 = x32 * jax.random.uniform(key, x32.shape, jnp.float32, 1 - self.jitter,
+                                     1 + self.jitter)
+    logits = self.router(x32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    values = {"router_z_loss": router_z_loss(logits, mask)}
+    if self.router_name == "expert_choice":
+      routing = expert_choice_routing(probs, mask, capacity)
+      kept = None
+    else:
+      routing, expert, kept = token_choice_routing(probs, mask, TOP_K[self.router_name],
+                                                   capacity)
+      values["aux_loss"] = load_balancing_loss(probs, expert, mask)
+    values.update(routing_metrics(routing, logits, mask, kept))
+    return routing, values
+
+  def __call__(self, x, key=None, segment_ids=None):
+    """x: [batch, length, embed]; segment_ids: [batch, length] (0 = padding) -> like x."""
+    b, l, _ = x.shape
+    rows, chunk = group_layout(b, l, self.group_size)
+    mask = jnp.ones((b, l), bool) if segment_ids is None else segment_ids != 0
+    xg, mask = to_groups(x, rows, chunk), to_groups(mask, rows, chunk)
+    k_route, k_experts = _split(key, 2)
+    routing, values = self.route(xg, mask, k_route)
+    self.sow(nnx.Intermediate, "router_stats", values)
+    return from_groups(self._experts(xg, routing, k_experts), b, l, rows, chunk)
+
+  def _experts(self, xg, routing: Routing, key):
+    weights = [w[...].astype(self.dtype)
+               for w in (self.experts.wi_0, self.experts.wi_1, self.experts.wo)]
+    body = functools.partial(_expert_slots, dispatch_name=self.dispatch,
+                             activation=self.activation, dropout_rate=self.dropout_rate)
+    args = (xg.astype(self.dtype), routing, *weights) + (() if key is None else (key,))
+    context = partitioning.current_axis_rules()
+    if context is None:
+      return body(*args, plan=_Plan())
+    mesh, rules = context
+    plan = expert_parallel_plan(mesh, rules, groups=xg.shape[0], num_experts=self.num_experts,
+                                hidden=weights[0].shape[-1])
+    tokens = P(plan.batch_axes or None)
+    wi = P(plan.expert_axes or None, None, plan.tensor_axes or None)
+    wo = P(plan.expert_axes or None, plan.tensor_axes or None, None)
+    specs = (tokens, Routing(tokens, tokens, tokens), wi, wi, wo) + (
+        () if key is None else (P(),))
+    return jax.shard_map(functools.partial(body, plan=plan), mesh=mesh, in_specs=specs,
+                         out_specs=tokens)(*args)
+
+
+def pop_router_metrics(model: nnx.Module) -> dict:
+  """Pops what the MoE layers of `model` sowed in its last call and aggregates it per
+  layer stack (the top-level module, e.g. 'encoder'): losses summed over the stack's
+  MoE layers, everything else averaged over them.
+
+  -> {} for a dense model, else: 'moe/aux_loss' and 'moe/router_z_loss' (sums over
+  all MoE layers: the terms the train step weights into the objective),
+  'moe/unrouted_fraction' (mean over all MoE layers), and per stack
+  'moe/<stack>/<name>' scalars plus the vector 'moe/<stack>/tokens_per_expert' [E].
+  """
+  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+  layers: dict[str, dict[str, list]] = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if "router_stats" not in keys:
+      continue
+    name = keys[-1]
+    base = value.shape[value.ndim - (1 if name in _VECTORS else 0):]
+    stack = layers.setdefault(str(keys[0]), {})
+    stack.setdefault(name, []).append(value.reshape(-1, *base))
+  if not layers:
+    return {}
+  out = {"moe/aux_loss": jnp.zeros((), jnp.float32),
+         "moe/router_z_loss": jnp.zeros((), jnp.float32)}
+  unrouted = []
+  for stack, values in layers.items():
+    for name, parts in values.items():
+      stacked = jnp.concatenate(parts)
+      reduced = jnp.sum(stacked, 0) if name in _LOSSES else jnp.mean(stacked, 0)
+      if name == "experts_per_token":
+        for i in range(HISTOGRAM_BINS):
+          label = f"{i}+" if i == HISTOGRAM_BINS - 1 else str(i)
+          out[f"moe/{stack}/experts_per_token/{label}"] = reduced[i]
+      else:
+        out[f"moe/{stack}/{name}"] = reduced
+      if name in _LOSSES:
+        out[f"moe/{name}"] += reduced
+      if name == "unrouted_fraction":
+        unrouted.append(stacked)
+  out["moe/unrouted_fraction"] = jnp.mean(jnp.concatenate(unrouted))
+  return out
+
+
+def upcycle_dense_params(dense: dict, moe: dict, cfg) -> dict:
+  """Sparse upcycling (Komatsuzaki et al., 2022): MoE params from a dense model's.
+
+  dense: pure-dict params of a dense model with the sizes of `cfg` (listed or
+  scanned layers; string keys, as restored from a checkpoint, are fine). moe:
+  the MoE model's freshly initialised params, whose routers are kept. Every
+  expert of an MoE layer starts as a copy of that layer's dense MLP, so
+  `cfg.expert_mlp_dim` must equal the dense `mlp_dim`; all else is copied.
+  """
+  dense = _int_keys(dense)
+  out = {}
+  for name, template in moe.items():
+    if name not in dense:
+      raise ValueError(f"upcycling: the dense params have no {name!r}; they must come from "
+                       "the dense twin of the MoE model (same architecture and sizes).")
+    if isinstance(template, dict) and set(template) == {"layers"}:
+      out[name] = {"layers": _upcycle_stack(dense[name]["layers"], template["layers"], cfg,
+                                            name)}
+    else:
+      out[name] = _copy(dense[name], template, name)
+  return out
+
+
+def _int_keys(tree):
+  if not isinstance(tree, dict):
+    return tree
+  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+          for k, v in tree.items()}
+
+
+def _copy(dense, template, path: str):
+  if isinstance(template, dict):
+    if not isinstance(dense, dict) or set(template) - set(dense):
+      missing = sorted(set(template) - set(dense or {}), key=str)
+      raise ValueError(f"upcycling: the dense params lack {path}/{missing}; they must come "
+                       "from the dense twin of the MoE model.")
+    return {k: _copy(dense[k], v, f"{path}/{k}") for k, v in template.items()}
+  if tuple(dense.shape) != tuple(template.shape):
+    raise ValueError(f"upcycling: dense parameter {path} has shape {tuple(dense.shape)} but "
+                     f"the MoE model needs {tuple(template.shape)}; use the same sizes.")
+  return jnp.asarray(dense).astype(template.dtype)
+
+
+def _upcycle_layer(dense: dict, template: dict, path: str) -> dict:
+  if "experts" not in template["mlp"]:
+    return _copy(dense, template, path)
+  out = {k: _copy(dense[k], v, f"{path}/{k}") for k, v in template.items() if k != "mlp"}
+  experts = {}
+  for name, target in template["mlp"]["experts"].items():
+    kernel = jnp.asarray(dense["mlp"][name]["kernel"])
+    if kernel.shape != target.shape[1:]:
+      raise ValueError(
+          f"upcycling: dense {path}/mlp/{name}/kernel has shape {kernel.shape} but each "
+          f"expert needs {target.shape[1:]}; set --gin.TransformerConfig.expert_mlp_dim to "
+          "the dense mlp_dim.")
+    experts[name] = jnp.broadcast_to(kernel, target.shape).astype(target.dtype)
+  out["mlp"] = {"router": template["mlp"]["router"], "experts": experts}
+  return out
+
+
+def _upcycle_stack(dense_layers: dict, template: dict, cfg, name: str) -> dict:
+  """Dense stack (listed or scanned) -> MoE stack of blocks (listed or scanned)."""
+  if all(isinstance(k, int) for k in dense_layers):
+    dense = [dense_layers[i] for i in range(len(dense_layers))]
+  else:
+    count = jax.tree.leaves(dense_layers)[0].shape[0]
+    dense = [jax.tree.map(lambda a, i=i: a[i], dense_layers) for i in range(count)]
+  k = cfg.moe_layer_interval
+  scanned = "sublayers" in template
+  blocks = jax.tree.leaves(template)[0].shape[0] if scanned else len(template)
+  if len(dense) != blocks * k:
+    raise ValueError(f"upcycling: the dense {name} has {len(dense)} layers but the MoE model "
+                     f"has {blocks * k}; use the same depth.")
+
+  def layer(b, j):
+    if scanned:
+      return _upcycle_layer(dense[b * k + j],
+                            jax.tree.map(lambda a: a[b], template["sublayers"][j]),
+                            f"{name}/layers/{b * k + j}")
+    return _upcycle_layer(dense[b * k + j], template[b]["sublayers"][j],
+                          f"{name}/layers/{b * k + j}")
+
+  new = [[layer(b, j) for j in range(k)] for b in range(blocks)]
+  if scanned:
+    return {"sublayers": {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[n[j] for n in new])
+                          for j in range(k)}}
+  return {b: {"sublayers": dict(enumerate(new[b]))} for b in range(blocks)}
