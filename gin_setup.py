@@ -71,6 +71,9 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
   files = [_find_gin_file(f, search) for f in args.gin_file]
   try:
     gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
+  except ImportError as e:
+    raise ConfigError(f"gin: a gin file's import failed ({e}); run from the directory that "
+                      "holds the module or add it to PYTHONPATH.") from e
   except (ValueError, KeyError, IOError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
   for name in required_macros:
