@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 from ul2x.kernels import ring_attention as ring
 from ul2x.model.layers import Dense
 from ul2x.model.position import apply_rope
-from ul2x.partitioning import constrain, current_axis_rules, logical_to_spec
+from ul2x.partitioning import constrain, current_axis_rules, logical_to_spec, mesh_axes
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -68,8 +68,7 @@ def _ring_axis():
   mesh, rules = context
   spec = logical_to_spec(("length",), rules, dict(mesh.shape))
   axis = spec[0] if len(spec) else None
-  axes = () if axis is None else (axis,) if isinstance(axis, str) else axis
-  return mesh, rules, axis, math.prod(mesh.shape[a] for a in axes)
+  return mesh, rules, axis, math.prod(mesh.shape[a] for a in mesh_axes(axis))
 
 
 def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,

@@ -193,16 +193,14 @@ class _Plan(NamedTuple):
 
 def _rule_axes(rules, mesh_shape, name: str, size: int) -> tuple:
   spec = partitioning.logical_to_spec((name,), rules, mesh_shape, (size,))
-  entry = spec[0] if len(spec) else None
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return partitioning.mesh_axes(spec[0] if len(spec) else None)
 
 
 def expert_parallel_plan(mesh, rules, *, groups: int, num_experts: int, hidden: int) -> _Plan:
   """Shards experts as the 'expert' rule says (all of them, or an error), groups as
   the 'batch' rule, and each expert's hidden dim as the 'mlp' rule."""
   shape = dict(mesh.shape)
-  wanted = next((axes for name, axes in rules if name == "expert"), None)
-  wanted = () if wanted is None else (wanted,) if isinstance(wanted, str) else tuple(wanted)
+  wanted = partitioning.mesh_axes(next((axes for name, axes in rules if name == "expert"), None))
   size = math.prod(shape.get(a, 1) for a in wanted)
   if num_experts % size:
     raise ValueError(

@@ -30,7 +30,8 @@ def standard_logical_axis_rules() -> list[tuple[str, str | tuple[str, ...] | Non
   ]
 
 
-def _as_tuple(axes):
+def mesh_axes(axes) -> tuple[str, ...]:
+  """A rule's or PartitionSpec entry's mesh axes (None, a name or names) as a tuple."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -56,7 +57,7 @@ def logical_to_spec(names, rules, mesh_shape: dict[str, int], shape=None) -> Par
       if rule_name != name:
         continue
       size = 1
-      for a in _as_tuple(axes):
+      for a in mesh_axes(axes):
         fits = shape is None or shape[dim] % (size * mesh_shape.get(a, 1)) == 0
         if mesh_shape.get(a, 1) > 1 and a not in used and fits:
           chosen.append(a)

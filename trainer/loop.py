@@ -46,8 +46,7 @@ def _dense_params(path: str) -> dict:
 
 def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
   spec = partitioning.batch_spec(rules, mesh)
-  axes = spec[0] if len(spec) else ()
-  axes = (axes,) if isinstance(axes, str) else axes or ()
+  axes = partitioning.mesh_axes(spec[0] if len(spec) else None)
   shards = int(np.prod([mesh.shape[a] for a in axes]))
   need = np.lcm(shards * num_microbatches, jax.process_count())
   if batch_size % need:
