@@ -3,8 +3,10 @@
 `ring_attention` is a pure per-shard function, meant to run inside the caller's
 `jax.shard_map` with the length dimension split over the mesh axis `axis_name`.
 Each device keeps its block of queries; the key/value blocks (with their segment
-ids, positions and prefix flags) travel round the ring with `lax.ppermute`, and
-the per-block results are merged with an online softmax. The backward pass is a
+ids, positions and prefix flags) travel round the ring with `lax.ppermute`, one
+tile at a time: a tile leaves for the next device while the following one is
+computed, and the arriving tile takes its slot, so no device ever holds two
+blocks. Results are merged with an online softmax. The backward pass is a
 `custom_vjp` that sends K, V and their partial gradients round the ring again, so
 activation memory per device is proportional to the local block, never to the
 full sequence.
@@ -59,18 +61,23 @@ class PositionBias:
 
 
 class BlockAttentionFn(Protocol):
-  """One query block against one key/value block, in float32.
+  """A device's query block against one tile of keys/values, in float32.
 
-  forward(q [b,q,h,d], k, v [b,k,h,d], q_tok, kv_tok, bias, *, causal, scale)
-    -> (out [b,q,h,d] normalized over this block's keys, lse [b,h,q]); rows with no
-    visible key have out = 0 and lse = -inf.
+  block_size: the most keys per tile; the ring streams key/value blocks in tiles of
+    the largest divisor of the block length up to this.
+  forward(q [b,q,h,d], k, v [b,k,h,d], q_tok, kv_tok, bias, acc, *, causal, scale)
+    -> acc merged with these keys: acc = (out [b,q,h,d] float32, normalized over the
+    keys seen so far, lse [b,h,q]), starting from zeros and -inf; rows with no
+    visible key keep out = 0 and lse = -inf.
   backward(q, k, v, q_tok, kv_tok, bias, lse, delta, dout, grads, *, causal, scale)
-    -> grads + this block's (dq, dk, dv, dparams), given the final lse and
+    -> grads + these keys' (dq, dk, dv, dparams), given the final lse and
     delta = sum(out * dout, -1), both [b,h,q]; `grads` are float32 accumulators
     (added to in place), dparams matches bias.params (None without a bias).
   """
 
-  def forward(self, q, k, v, q_tok, kv_tok, bias, *, causal, scale): ...
+  block_size: int
+
+  def forward(self, q, k, v, q_tok, kv_tok, bias, acc, *, causal, scale): ...
 
   def backward(self, q, k, v, q_tok, kv_tok, bias, lse, delta, dout, grads, *, causal,
                scale): ...
@@ -142,13 +149,14 @@ class BlockwiseAttention:
 
   block_size: int = 512
 
-  def forward(self, q, k, v, q_tok, kv_tok, bias, *, causal, scale):
+  def forward(self, q, k, v, q_tok, kv_tok, bias, acc, *, causal, scale):
     (b, lq, h, d), lk = q.shape, k.shape[1]
     tq, tk = _tile_size(lq, self.block_size), _tile_size(lk, self.block_size)
 
-    def q_tile(i, carry):
-      out, lse = carry
+    def q_tile(i, acc):
+      out, lse = acc
       qi, qtok = _slice((q, q_tok), i * tq, tq)
+      out_i, lse_i = _slice(out, i * tq, tq), _slice(lse, i * tq, tq, axis=2)
 
       def kv_tile(j, state):
         kj, vj, ktok = _slice((k, v, kv_tok), j * tk, tk)
@@ -168,17 +176,17 @@ class BlockwiseAttention:
 
         return lax.cond(jnp.any(mask), attend, lambda state: state, state)
 
-      state = (jnp.zeros((b, tq, h, d), jnp.float32), jnp.full((b, h, tq), -jnp.inf),
-               jnp.zeros((b, h, tq), jnp.float32))
-      acc, m, l = lax.fori_loop(0, lk // tk, kv_tile, _vary_like(state, q, k, bias))
-      seen = l > 0
+      # The running state starts from the keys already seen: out_i with max lse_i and
+      # denominator 1 is the same softmax as the unnormalized sums it came from.
+      state = (out_i, lse_i, jnp.ones_like(lse_i))
+      acc_i, m, l = lax.fori_loop(0, lk // tk, kv_tile, _vary_like(state, q, k, bias))
+      seen = jnp.isfinite(m)
       l = jnp.where(seen, l, 1.0)
-      out = _update(out, acc / jnp.swapaxes(l, 1, 2)[..., None], i * tq)
+      out = _update(out, acc_i / jnp.swapaxes(l, 1, 2)[..., None], i * tq)
       lse = _update(lse, jnp.where(seen, m + jnp.log(l), -jnp.inf), i * tq, axis=2)
       return out, lse
 
-    init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf))
-    return lax.fori_loop(0, lq // tq, q_tile, _vary_like(init, q, k, bias))
+    return lax.fori_loop(0, lq // tq, q_tile, acc)
 
   def backward(self, q, k, v, q_tok, kv_tok, bias, lse, delta, dout, grads, *, causal,
                scale):
@@ -243,32 +251,73 @@ def _rotate(tree, axis_name, n: int):
   return lax.ppermute(tree, axis_name, perm=[(i, (i + 1) % n) for i in range(n)])
 
 
-def _merge(out, lse, out_block, lse_block):
-  """Online-softmax merge of two normalized partial results over disjoint keys."""
-  new = jnp.logaddexp(lse, lse_block)
-  safe = jnp.where(jnp.isfinite(new), new, 0.0)
-  w = lambda l: jnp.swapaxes(jnp.exp(l - safe), 1, 2)[..., None]  # [b, q, h, 1]
-  return out * w(lse) + out_block * w(lse_block), new
+def _stream(static: _Static, state, fixed, moving, tile_fn):
+  """One ring step over a key/value block, one key tile at a time.
+
+  `fixed` and `moving` are tuples of [batch, block, ...] arrays (the block's keys,
+  values, tokens and, in the backward pass, their gradients): those that stay on
+  this device after the step and those that move on to the next device.
+  `tile_fn(state, tile) -> (state, tile)` takes one tile of `fixed + moving` and
+  returns it with its moving part updated. On a ring, tile j - 1 travels to the next
+  device while tile j is computed, and the tile arriving from the previous device
+  takes the slot of the one that left: the block is replaced in place, so a device
+  holds one block and a few tiles in transit, never two blocks. Returns
+  (state, moving)."""
+  fixed, moving = tuple(fixed), tuple(moving)
+  length = (fixed + moving)[0].shape[1]
+  size = _tile_size(length, static.block_attention.block_size)
+  n = _ring_size(static.axis_name)
+  read = lambda moving, j: _slice(fixed + moving, j * size, size)
+  write = lambda moving, tile, j: jax.tree.map(
+      lambda x, t: _update(x, t, j * size), moving, tile)
+
+  if n == 1 or not moving:
+    def local(j, carry):
+      state, done = tile_fn(carry[0], read(carry[1], j))
+      return state, write(carry[1], done[len(fixed):], j)
+
+    return lax.fori_loop(0, length // size, local, (state, moving))
+
+  def pipelined(j, carry):
+    state, moving, done = carry
+    current = read(moving, j)
+    arrived = _rotate(done, static.axis_name, n)
+    # Writing tile j - 1 in place must wait until tile j has been read from the same
+    # buffer. A select that is never taken (j >= 1) makes the write depend on that
+    # read; without it XLA copies the whole block to keep the read safe.
+    arrived = jax.tree.map(lambda a, c: jnp.where(j < 0, c, a), arrived,
+                           current[len(fixed):])
+    state, following = tile_fn(state, current)
+    return state, write(moving, arrived, j - 1), following[len(fixed):]
+
+  state, done = tile_fn(state, read(moving, 0))
+  state, moving, done = lax.fori_loop(1, length // size, pipelined,
+                                      (state, moving, done[len(fixed):]))
+  return state, write(moving, _rotate(done, static.axis_name, n), length // size - 1)
 
 
 def _ring_forward(static: _Static, q, k, v, q_tok, kv_tok, params):
-  attend = functools.partial(static.block_attention.forward, causal=static.causal,
-                             scale=static.scale)
   bias = _position_bias(static.bias_fn, params)
-  n = _ring_size(static.axis_name)
-  out, lse = attend(q, k, v, q_tok, kv_tok, bias)
-  if n > 1:
-    # The next block is requested before this one is used, so that the transfer
-    # can overlap the computation.
-    def step(carry, _):
-      out, lse, block = carry
-      following = _rotate(block, static.axis_name, n)
-      out, lse = _merge(out, lse, *attend(q, block[0], block[1], q_tok, block[2], bias))
-      return (out, lse, following), None
 
-    block = _rotate((k, v, kv_tok), static.axis_name, n)
-    (out, lse, block), _ = lax.scan(step, (out, lse, block), length=n - 2)
-    out, lse = _merge(out, lse, *attend(q, block[0], block[1], q_tok, block[2], bias))
+  def tile_fn(acc, tile):
+    kt, vt, tok = tile
+    return static.block_attention.forward(q, kt, vt, q_tok, tok, bias, acc,
+                                          causal=static.causal, scale=static.scale), tile
+
+  b, lq, h, d = q.shape
+  acc = _vary_like((jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf)),
+                   q, k, params)
+  n = _ring_size(static.axis_name)
+  if n == 1:
+    acc, _ = _stream(static, acc, (k, v, kv_tok), (), tile_fn)
+  else:
+    # n steps, not n - 1: the blocks travel all the way round and come home, and the
+    # backward pass starts from these copies (the same values as k, v), which it may
+    # overwrite, instead of copying k and v once more.
+    step = lambda acc_block, _: (_stream(static, acc_block[0], (), acc_block[1], tile_fn),
+                                 None)
+    (acc, (k, v, kv_tok)), _ = lax.scan(step, (acc, (k, v, kv_tok)), length=n)
+  out, lse = acc
   out = out.astype(q.dtype)
   return out, (q, k, v, q_tok, kv_tok, params, out, lse)
 
@@ -280,30 +329,28 @@ def _ring(static: _Static, q, k, v, q_tok, kv_tok, params):
 
 def _ring_backward(static: _Static, residuals, dout):
   q, k, v, q_tok, kv_tok, params, out, lse = residuals
-  grads = functools.partial(static.block_attention.backward, causal=static.causal,
-                            scale=static.scale)
   bias = _position_bias(static.bias_fn, params)
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+
+  def tile_fn(grads, tile):
+    # Each key/value tile travels with the gradient accumulated for it so far; after n
+    # steps that gradient is complete and back on the device that owns the tile.
+    dq, dparams = grads
+    kt, vt, tok, dk, dv = tile
+    dq, dk, dv, dparams = static.block_attention.backward(
+        q, kt, vt, q_tok, tok, bias, lse, delta, dout, (dq, dk, dv, dparams),
+        causal=static.causal, scale=static.scale)
+    return (dq, dparams), (kt, vt, tok, dk, dv)
+
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  dq, dk, dv, dparams = _vary_like((zeros(q), zeros(k), zeros(v), jax.tree.map(zeros, params)),
-                                   q, k)
+  grads, dk, dv = _vary_like(((zeros(q), jax.tree.map(zeros, params)), zeros(k), zeros(v)),
+                             q, k)
+  block = (k, v, kv_tok)
   n = _ring_size(static.axis_name)
   if n > 1:
-    # Each K/V block travels with the gradient accumulated for it so far; after n hops
-    # that gradient is complete and back on the device that owns the block.
-    def step(carry, _):
-      dq, dparams, block, (dk, dv) = carry
-      following = _rotate(block, static.axis_name, n)
-      dq, dk, dv, dparams = grads(q, block[0], block[1], q_tok, block[2], bias, lse, delta,
-                                  dout, (dq, dk, dv, dparams))
-      return (dq, dparams, following, _rotate((dk, dv), static.axis_name, n)), None
-
-    carry = (dq, dparams, (k, v, kv_tok), (dk, dv))
-    (dq, dparams, (k, v, kv_tok), (dk, dv)), _ = lax.scan(step, carry, length=n - 1)
-  dq, dk, dv, dparams = grads(q, k, v, q_tok, kv_tok, bias, lse, delta, dout,
-                              (dq, dk, dv, dparams))
-  if n > 1:
-    dk, dv = _rotate((dk, dv), static.axis_name, n)
+    step = lambda carry, _: (_stream(static, carry[0], (), carry[1], tile_fn), None)
+    (grads, (*block, dk, dv)), _ = lax.scan(step, (grads, (*block, dk, dv)), length=n - 1)
+  (dq, dparams), (dk, dv) = _stream(static, grads, block, (dk, dv), tile_fn)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dparams)
 
 

@@ -173,6 +173,32 @@ def test_no_per_device_array_spans_two_sequence_blocks():
   assert not big, f"per-device arrays spanning two blocks of {block} tokens: {big}"
 
 
+def test_ring_holds_one_key_value_block_in_transit():
+  """XLA's memory analysis of the compiled (never run) causal forward + backward with a
+  relative bias on sequence=8: besides its inputs and gradients, a device holds the
+  output, one travelling copy of K and V and tiles, under 4 blocks of [block, heads,
+  head_dim]. Double-buffered blocks, or a copy of the block per tile step, exceed it."""
+  n, block, heads, dim = 8, 32768, 1, 128  # 16 MiB per float32 block; tiles of 512
+  mesh = partitioning.create_mesh(sequence=n)
+  bias = RelativeBias(32, 128, False)
+
+  def loss(q, k, v, table, ct, seg, pos):
+    with partitioning.axis_rules(mesh, RULES):
+      out = ring_dot_product_attention(
+          q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
+          kv_positions=pos, causal=True, bias=ring.PositionBias(table, bias))
+    return jnp.sum(out * ct)
+
+  x = jax.ShapeDtypeStruct((1, n * block, heads, dim), jnp.float32)
+  t = jax.ShapeDtypeStruct((1, n * block), jnp.int32)
+  table = jax.ShapeDtypeStruct((heads, 32), jnp.float32)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  stats = grads.lower(x, x, x, table, x, t, t).compile().memory_analysis()
+  block_bytes = block * heads * dim * 4
+  assert stats.argument_size_in_bytes < 4.1 * block_bytes  # the walk sees local blocks
+  assert stats.temp_size_in_bytes < 4 * block_bytes, stats.temp_size_in_bytes / block_bytes
+
+
 def test_zigzag_layout_balances_and_round_trips():
   n = 4
   x = jnp.arange(2 * 8 * n).reshape(2, 8 * n)
