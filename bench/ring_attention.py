@@ -2,10 +2,12 @@
 trainable length under a memory budget, causal load balance, and step time against
 the reference attention. Prints JSON.
 
-Memory comes from XLA's analysis of the compiled (never run) forward + backward of
-one causal attention layer with a T5 relative bias, as the model calls it
-(`ring_dot_product_attention` under `axis_rules`, length split over `sequence`), so
-lengths far beyond the host's memory can be measured. Run on 8 simulated devices:
+Memory comes from XLA's analysis of compiled (never run) programs, so lengths far
+beyond the host's memory can be measured: the forward + backward of one causal
+attention layer with a T5 relative bias, as the model calls it
+(`ring_dot_product_attention` under `axis_rules`, length split over `sequence`), and
+the whole train step of a small decoder-only model (`MODEL`) with `attention='ring'`.
+Run on 8 simulated devices:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
     .venv/bin/python bench/ring_attention.py --plot docs/ring_attention_memory.png
@@ -14,6 +16,7 @@ lengths far beyond the host's memory can be measured. Run on 8 simulated devices
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -26,12 +29,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ul2x import partitioning
 from ul2x.kernels import ring_attention as ring
+from ul2x.model import TransformerConfig
 from ul2x.model.attention import RING_BLOCK_SIZE, dot_product_attention, ring_dot_product_attention
 from ul2x.model.position import RelativeBias
+from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.steps import init_train_state, make_train_step
 
 RULES = partitioning.standard_logical_axis_rules()
 BIAS = RelativeBias(num_buckets=32, max_distance=128, bidirectional=False)
 MiB = 2 ** 20
+MODEL = TransformerConfig(  # prefix-LM, RoPE, rematerialized layers
+    architecture="decoder_only", emb_dim=256, num_heads=4, head_dim=64, mlp_dim=512,
+    num_decoder_layers=4, activation="silu", position="rope", attention="ring", remat=True)
 
 
 def _layer_grad(attention_fn, mesh, causal=True):
@@ -71,19 +80,41 @@ def memory(attention_fn, n: int, length: int, batch: int, heads: int, head_dim: 
   fn, shardings = _layer_grad(attention_fn, _mesh(n, sequence=n))
   stats = fn.lower(*_abstract_inputs(shardings, batch, length, heads, head_dim)).compile()
   stats = stats.memory_analysis()
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
   return {"devices": n, "length": length, "temp_mib": stats.temp_size_in_bytes / MiB,
-          "argument_mib": stats.argument_size_in_bytes / MiB, "total_mib": total / MiB}
+          "argument_mib": stats.argument_size_in_bytes / MiB, "total_mib": _total_mib(stats)}
 
 
-def longest_length(n: int, budget_mib: float, shape: dict) -> dict:
+def _total_mib(stats) -> float:
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes) / MiB
+
+
+def model_memory(n: int, length: int) -> dict:
+  """Per-device MiB of MODEL's compiled train step (Adafactor, donated state) on one
+  sequence of `length` tokens split over sequence=n."""
+  mesh = _mesh(n, sequence=n)
+  tx, schedule = create_optimizer(1000)
+  graphdef, init_fn, shardings = init_train_state(MODEL, tx, mesh, RULES, seed=0)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(init_fn), shardings)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=NamedSharding(
+      mesh, partitioning.batch_spec(RULES, mesh)))
+  batch = {name: tokens for name in ("decoder_input_tokens", "decoder_target_tokens",
+                                     "decoder_loss_weights", "decoder_causal_attention")}
+  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=RULES),
+                 donate_argnums=0)
+  stats = step.lower(state, batch).compile().memory_analysis()
+  return {"devices": n, "length": length, "temp_mib": stats.temp_size_in_bytes / MiB,
+          "total_mib": _total_mib(stats)}
+
+
+def longest_length(n: int, budget_mib: float, total_mib) -> dict:
   """The longest length (a multiple of 2 x n x block, so tiles align with the zigzag
-  chunks) whose ring forward + backward fits `budget_mib` per device."""
+  chunks) for which `total_mib(n, length)` fits `budget_mib` per device."""
   unit = 2 * n * RING_BLOCK_SIZE
 
   def fits(m: int) -> bool:
-    return memory(ring_dot_product_attention, n, m * unit, **shape)["total_mib"] <= budget_mib
+    return total_mib(n, m * unit) <= budget_mib
 
   low, high = 0, 1
   while fits(high):
@@ -163,13 +194,16 @@ def plot(result: dict, path: str):
   left.set(xscale="log", yscale="log", xlabel="total length L",
            ylabel="per-device MiB (fwd+bwd)", title="one causal attention layer")
   left.legend()
-  rows = result["longest_length"]
-  right.plot([r["devices"] for r in rows], [r["longest_length"] for r in rows], "o-",
-             label="ring")
-  right.plot([r["devices"] for r in rows],
-             [rows[0]["longest_length"] * r["devices"] for r in rows], "k:", label="linear")
-  right.set(xlabel="devices N (sequence axis)", ylabel="longest L",
-            title=f"longest length within {rows[0]['budget_mib']:.0f} MiB per device")
+  for key, label in (("longest_length", "one attention layer"),
+                     ("model_longest_length", "whole train step")):
+    rows = result[key]
+    right.plot([r["devices"] for r in rows],
+               [r["longest_length"] / rows[0]["longest_length"] for r in rows], "o-",
+               label=f"{label} ({rows[0]['budget_mib']:.0f} MiB)")
+  devices = [r["devices"] for r in rows]
+  right.plot(devices, devices, "k:", label="linear")
+  right.set(xlabel="devices N (sequence axis)", ylabel="longest L / longest L at N=1",
+            title="longest length within a per-device budget")
   right.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -179,6 +213,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="32768,65536,131072,262144")
   parser.add_argument("--budget_mib", type=float, default=1024.0)
+  parser.add_argument("--model_lengths", default="16384,65536")
+  parser.add_argument("--model_budget_mib", type=float, default=2048.0)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--head_dim", type=int, default=64)
@@ -188,6 +224,9 @@ def main():
   shape = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim)
   lengths = [int(x) for x in args.lengths.split(",")]
   devices = [n for n in (1, 2, 4, 8) if n <= len(jax.devices())]
+  layer_mib = lambda n, length: memory(ring_dot_product_attention, n, length,
+                                       **shape)["total_mib"]
+  model_mib = lambda n, length: model_memory(n, length)["total_mib"]
   result = {
       "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
       "jax_devices": len(jax.devices()), "backend": jax.default_backend(),
@@ -197,7 +236,12 @@ def main():
                  for n in devices for length in lengths],
       "reference_memory": [memory(dot_product_attention, 1, length, **shape)
                            for length in lengths],
-      "longest_length": [longest_length(n, args.budget_mib, shape) for n in devices],
+      "longest_length": [longest_length(n, args.budget_mib, layer_mib) for n in devices],
+      "model": dataclasses.asdict(MODEL),
+      "model_memory": [model_memory(n, length) for n in devices
+                       for length in map(int, args.model_lengths.split(","))],
+      "model_longest_length": [longest_length(n, args.model_budget_mib, model_mib)
+                               for n in devices],
       "load_balance": [computed_tiles(n, 16 * n * RING_BLOCK_SIZE, RING_BLOCK_SIZE, zz)
                        for n in devices if n > 1 for zz in (False, True)],
       "step_time": step_times(8, 2048, 4, 32, args.repeats),
