@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
   import seqio
 
   import ul2x.tasks  # noqa: F401  registers the default tasks
-  from ul2x import trainer
+  from ul2x.trainer import loop
   if args.tfds_data_dir:
     seqio.set_tfds_data_dir_override(args.tfds_data_dir)
   gin_setup.load_config(args, REQUIRED)
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
-  trainer.train()
+  loop.train()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import ul2x.tasks
 from ul2x import gin_setup, partitioning
 from ul2x.model import TransformerConfig
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 
 
 def pipeline_rates(batches: list[dict[str, np.ndarray]], seconds: float) -> dict:
@@ -73,19 +73,11 @@ def time_train_step(args, batch: dict[str, np.ndarray]) -> dict:
   """Step time on `batch` repeated and fed from a fresh pipeline (see module docstring),
   measured in alternating rounds so that load from elsewhere hits both alike."""
   cfg = TransformerConfig()
-  mesh = partitioning.create_mesh(data=4, fsdp=2)
-  rules = partitioning.standard_logical_axis_rules()
-  tx, schedule = create_optimizer(1000)
-  graphdef, init_fn, shardings = init_train_state(cfg, tx, mesh, rules, seed=0)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  sharding = jax.sharding.NamedSharding(mesh, partitioning.batch_spec(rules, mesh))
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules),
-                 in_shardings=(shardings, sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
-
-  def put(local):
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
+  job = setup(cfg, mesh=partitioning.create_mesh(data=4, fsdp=2),
+              optimizer=create_optimizer(1000))
+  state = job.init_state()
+  step = job.train_step()
+  put = job.global_batch
   fixed = put(batch)
   it = ul2x.tasks.get_dataset(args.mixture, args.lengths, "train", args.batch_size,
                               architecture=args.architecture, seed=1).as_numpy_iterator()

@@ -38,16 +38,16 @@ import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 import ul2x.tasks  # noqa: F401  registers the default tasks
-from ul2x import partitioning, trainer
+from ul2x import partitioning
+from ul2x.trainer.loop import train
 from ul2x.gin_setup import PACKAGE_DIR
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import training_flops_per_example
 from ul2x.model.moe import MoeMLP, expert_capacity, group_layout
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 
 LENGTHS = {"encoder_input_tokens": 128, "decoder_input_tokens": 64}
 TASK_LENGTHS = {"inputs": 128, "targets": 64}
@@ -73,16 +73,11 @@ def synthetic_batch(cfg, size: int) -> dict:
 
 def compiled_step(cfg, mesh_sizes: dict, batch_size: int):
   """-> (run(n) timing n steps, memory analysis dict) for one model."""
-  mesh = partitioning.create_mesh(**mesh_sizes)
-  rules = partitioning.standard_logical_axis_rules()
-  tx, schedule = create_optimizer(1000)
-  graphdef, init_fn, shardings = init_train_state(cfg, tx, mesh, rules, seed=0)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  data = jax.device_put(synthetic_batch(cfg, batch_size),
-                        NamedSharding(mesh, partitioning.batch_spec(rules, mesh)))
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules),
-                 in_shardings=(shardings, data["encoder_input_tokens"].sharding),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  job = setup(cfg, mesh=partitioning.create_mesh(**mesh_sizes),
+              optimizer=create_optimizer(1000))
+  state = job.init_state()
+  data = jax.device_put(synthetic_batch(cfg, batch_size), job.batch_sharding)
+  step = job.train_step()
   compiled = step.lower(state, data).compile()
   analysis = compiled.memory_analysis()
   memory = {k: int(getattr(analysis, f"{k}_in_bytes")) for k in
@@ -188,7 +183,7 @@ def loss_curves(moe_cfg, dense_cfg, mesh_sizes: dict, steps: int, batch_size: in
       model_dir = os.path.join(root, name)
       start = time.perf_counter()
       with contextlib.redirect_stdout(sys.stderr):
-        trainer.train(model_dir=model_dir, train_steps=steps,
+        train(model_dir=model_dir, train_steps=steps,
                       mixture_or_task_name="ul2x_span_corruption",
                       task_feature_lengths=TASK_LENGTHS, model_config=cfg,
                       batch_size=batch_size, log_every=10, eval_every=steps, eval_batches=8,

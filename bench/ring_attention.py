@@ -33,7 +33,7 @@ from ul2x.model import TransformerConfig
 from ul2x.model.attention import RING_BLOCK_SIZE, dot_product_attention, ring_dot_product_attention
 from ul2x.model.position import RelativeBias
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 
 RULES = partitioning.standard_logical_axis_rules()
 BIAS = RelativeBias(num_buckets=32, max_distance=128, bidirectional=False)
@@ -93,16 +93,13 @@ def model_memory(n: int, length: int) -> dict:
   """Per-device MiB of MODEL's compiled train step (Adafactor, donated state) on one
   sequence of `length` tokens split over sequence=n."""
   mesh = _mesh(n, sequence=n)
-  tx, schedule = create_optimizer(1000)
-  graphdef, init_fn, shardings = init_train_state(MODEL, tx, mesh, RULES, seed=0)
+  job = setup(MODEL, mesh=mesh, rules=RULES, optimizer=create_optimizer(1000))
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(init_fn), shardings)
-  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=NamedSharding(
-      mesh, partitioning.batch_spec(RULES, mesh)))
+                       job.abstract_state(), job.shardings)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=job.batch_sharding)
   batch = {name: tokens for name in ("decoder_input_tokens", "decoder_target_tokens",
                                      "decoder_loss_weights", "decoder_causal_attention")}
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=RULES),
-                 donate_argnums=0)
+  step = job.train_step()
   stats = step.lower(state, batch).compile().memory_analysis()
   return {"devices": n, "length": length, "temp_mib": stats.temp_size_in_bytes / MiB,
           "total_mib": _total_mib(stats)}

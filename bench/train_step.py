@@ -15,14 +15,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from ul2x import partitioning
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.trainer.metrics import measured_matmul_flops, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 
 CONFIG = TransformerConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
                            num_encoder_layers=2, num_decoder_layers=2)
@@ -41,16 +40,11 @@ def batch(key, size: int) -> dict:
 
 
 def time_step(mesh_sizes: dict, batch_size: int, steps: int) -> dict:
-  mesh = partitioning.create_mesh(**mesh_sizes)
-  rules = partitioning.standard_logical_axis_rules()
-  tx, schedule = create_optimizer(1000)
-  graphdef, init_fn, shardings = init_train_state(CONFIG, tx, mesh, rules, seed=0)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  data = jax.device_put(batch(0, batch_size),
-                        NamedSharding(mesh, partitioning.batch_spec(rules, mesh)))
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules),
-                 in_shardings=(shardings, data["encoder_input_tokens"].sharding),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  job = setup(CONFIG, mesh=partitioning.create_mesh(**mesh_sizes),
+              optimizer=create_optimizer(1000))
+  state = job.init_state()
+  data = jax.device_put(batch(0, batch_size), job.batch_sharding)
+  step = job.train_step()
   for _ in range(2):  # compile and warm up
     state, metrics = step(state, data)
   jax.block_until_ready(metrics)

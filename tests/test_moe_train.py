@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from flax import nnx
-from jax.sharding import NamedSharding
 
 import ul2x.tasks  # noqa: F401  registers the default tasks
-from ul2x import partitioning, trainer
+from ul2x import partitioning
 from ul2x.model import TransformerConfig, build_model
 from ul2x.trainer import loop
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 from train_utils import TINY, copy_batch
 
 MOE = dataclasses.replace(TINY, num_encoder_layers=1, num_decoder_layers=1,
@@ -30,12 +29,10 @@ RULES = partitioning.standard_logical_axis_rules()
 def test_moe_learns_router_losses_join_the_objective_and_microbatching_changes_nothing():
   """One initial state, trained 300 steps on the copy task, and 2 steps microbatched."""
   mesh = partitioning.create_mesh(data=2, devices=jax.devices()[:2])
-  tx, schedule = create_optimizer(STEPS, name="adamw")
-  graphdef, init_fn, shardings = init_train_state(MOE, tx, mesh, RULES, seed=0)
-  initial = jax.jit(init_fn, out_shardings=shardings)()
-  sharding = NamedSharding(mesh, partitioning.batch_spec(RULES, mesh))
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=RULES),
-                 in_shardings=(shardings, sharding), out_shardings=(shardings, None))
+  job = setup(MOE, mesh=mesh, rules=RULES, optimizer=create_optimizer(STEPS, name="adamw"))
+  initial = job.init_state()
+  sharding = job.batch_sharding
+  step = job.train_step(donate=False)
   state, history = initial, []
   for i in range(STEPS):
     state, metrics = step(state, jax.device_put(copy_batch(i % 16), sharding))
@@ -53,9 +50,7 @@ def test_moe_learns_router_losses_join_the_objective_and_microbatching_changes_n
         + 1e-3 * m["moe/router_z_loss"], rtol=1e-6)
     assert m["moe/aux_loss"] > 0.5 and m["moe/router_z_loss"] > 0
     assert m["moe/encoder/tokens_per_expert"].shape == (4,)
-  micro_step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=RULES,
-                                       num_microbatches=2),
-                       in_shardings=(shardings, sharding), out_shardings=(shardings, None))
+  micro_step = job.train_step(num_microbatches=2, donate=False)
   state = initial
   for i in range(2):
     state, metrics = micro_step(state, jax.device_put(copy_batch(i), sharding))
@@ -100,7 +95,7 @@ def test_train_job_upcycles_a_dense_checkpoint_and_logs_router_metrics(tmp_path,
               async_checkpointing=False)
   with pytest.raises(ValueError, match="init_from_dense_checkpoint=.* holds no checkpoint"):
     loop._dense_params(str(tmp_path / "nowhere"))
-  metrics = trainer.train(model_dir=str(tmp_path / "moe"), train_steps=2,
+  metrics = loop.train(model_dir=str(tmp_path / "moe"), train_steps=2,
                           init_from_dense_checkpoint=str(tmp_path / "dense"), **args)
   out = capsys.readouterr().out
   assert f"upcycling the dense checkpoint {tmp_path}/dense/checkpoints at step 1" in out

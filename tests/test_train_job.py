@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ul2x.tasks  # noqa: F401  registers the default tasks
-from ul2x import trainer
+from ul2x.trainer.loop import train
 from ul2x.model import TransformerConfig
 
 CFG = TransformerConfig(emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
@@ -21,7 +21,7 @@ def run(model_dir, steps, **kw):
               task_feature_lengths={"inputs": 32, "targets": 16}, model_config=CFG,
               batch_size=8, log_every=2, eval_every=3, eval_batches=1, checkpoint_every=3,
               keep_checkpoints=2)
-  return trainer.train(**{**args, **kw})
+  return train(**{**args, **kw})
 
 
 def saved(model_dir, step):

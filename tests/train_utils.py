@@ -5,13 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from ul2x import partitioning
-from ul2x.model import TransformerConfig, build_model
+from ul2x.model import TransformerConfig
 from ul2x.model.losses import cross_entropy_sums
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_train_step
+from ul2x.trainer.setup import setup
 
 TINY = TransformerConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
                          num_encoder_layers=2, num_decoder_layers=2)
@@ -29,33 +28,24 @@ def build(mesh_sizes: dict, cfg=TINY, *, num_microbatches: int = 1, optimizer="a
           total_steps: int = 100):
   """-> (state, jitted train_step, batch shardings) on a mesh of prod(sizes) devices."""
   devices = jax.devices()[:math.prod(mesh_sizes.values())]
-  mesh = partitioning.create_mesh(**mesh_sizes, devices=devices)
-  rules = partitioning.standard_logical_axis_rules()
-  tx, schedule = create_optimizer(total_steps, name=optimizer)
-  graphdef, init_fn, shardings = init_train_state(cfg, tx, mesh, rules, seed=0)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  batch_sharding = NamedSharding(mesh, partitioning.batch_spec(rules, mesh))
-  step = jax.jit(make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules,
-                                 num_microbatches=num_microbatches),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-  return state, step, batch_sharding
+  job = setup(cfg, mesh=partitioning.create_mesh(**mesh_sizes, devices=devices),
+              optimizer=create_optimizer(total_steps, name=optimizer))
+  step = job.train_step(num_microbatches=num_microbatches, donate=False)
+  return job.init_state(), step, job.batch_sharding
 
 
 def loss_and_grads(mesh_sizes: dict, cfg, batch: dict):
   """Cross-entropy sum and its parameter gradients, jitted on a mesh of prod(sizes)
   devices with parameters in their sharded layout (same seed-0 initialisation as `build`)."""
   devices = jax.devices()[:math.prod(mesh_sizes.values())]
-  mesh = partitioning.create_mesh(**mesh_sizes, devices=devices)
-  rules = partitioning.standard_logical_axis_rules()
-  graphdef, _, shardings = init_train_state(cfg, create_optimizer(1)[0], mesh, rules, seed=0)
-  params = nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0))))
-  params = jax.device_put(params, shardings["params"])
+  job = setup(cfg, mesh=partitioning.create_mesh(**mesh_sizes, devices=devices))
+  params = job.init_state()["params"]
 
   def loss(params, batch):
-    with partitioning.axis_rules(mesh, rules):
-      logits = nnx.merge(graphdef, params)(batch)
+    with partitioning.axis_rules(job.mesh, job.rules):
+      logits = nnx.merge(job.graphdef, params)(batch)
     return cross_entropy_sums(logits, batch["decoder_target_tokens"],
                               batch["decoder_loss_weights"])["loss"]
 
-  batch = jax.device_put(batch, NamedSharding(mesh, partitioning.batch_spec(rules, mesh)))
+  batch = jax.device_put(batch, job.batch_sharding)
   return jax.jit(jax.value_and_grad(loss))(params, batch)

@@ -1,3 +1,2 @@
-"""ul2x.trainer: train state, optimizer, jitted steps, the loop, metrics, checkpoints."""
-
-from ul2x.trainer.loop import train
+"""ul2x.trainer: the shared job setup, train state, optimizer, jitted steps, the loop,
+metrics, checkpoints. Import `ul2x.trainer.loop` for the train job (it pulls in seqio)."""

@@ -1,9 +1,13 @@
-"""Orbax checkpoints of the train state plus the input pipeline's position."""
+"""Orbax checkpoints of the train state plus the input pipeline's position, and the one
+restore path (any subset of the state, checked against what is stored) every job uses."""
 
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
 
 
 class Checkpointer:
@@ -35,14 +39,134 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, shardings):
     """-> (state placed with `shardings`, data position dict)."""
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-        shardings)
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                      data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+    return restore(self.directory, step, abstract_state, shardings)
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The steps saved in a checkpoints directory, ascending ([] if none or no directory)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
+  """-> (checkpoints directory, step) for `path`: a MODEL_DIR, its checkpoints/, or one
+  step's directory (checkpoints/600). `step` None means the latest (or the one named)."""
+  path = os.path.abspath(path)
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    directory, named = os.path.dirname(path), int(name)
+    if step is not None and step != named:
+      raise ValueError(f"checkpoint {path!r} is step {named}, not the requested step {step}.")
+    return directory, named
+  nested = os.path.join(path, "checkpoints")
+  directory = nested if os.path.isdir(nested) else path
+  steps = checkpoint_steps(directory)
+  if not steps:
+    raise ValueError(f"{path!r} holds no checkpoint; pass a MODEL_DIR of a train run, its "
+                     "checkpoints/ directory or one step's directory (checkpoints/N).")
+  if step is None:
+    return directory, steps[-1]
+  if step not in steps:
+    raise ValueError(f"{directory!r} has no checkpoint at step {step}; it has steps {steps}.")
+  return directory, step
+
+
+def flat_names(tree) -> dict:
+  """{'params/encoder/layers/0/...': leaf} of a nested dict (int keys as digits)."""
+  flat = traverse_util.flatten_dict(tree)
+  return {"/".join(map(str, path)): leaf for path, leaf in flat.items()}
+
+
+def stored_param_shapes(directory: str, step: int) -> dict[str, tuple]:
+  """'encoder/...' -> shape of every parameter stored at `step`."""
+  path = epath.Path(directory) / str(step) / "state"
+  tree = ocp.PyTreeCheckpointHandler().metadata(path).tree["params"]
+  return {k: tuple(v.shape) for k, v in flat_names(tree).items()}
+
+
+def check_compatible(directory: str, step: int, abstract) -> None:
+  """Raises naming the first parameter of `abstract` (a state) missing from the
+  checkpoint or stored with another shape (the usual cause: another model config)."""
+  stored = stored_param_shapes(directory, step)
+  for name, leaf in flat_names(abstract["params"]).items():
+    if name not in stored:
+      raise ValueError(
+          f"checkpoint {directory}/{step} has no {name!r} (shape {tuple(leaf.shape)}): it was "
+          "saved by another architecture or model config; use the gin model file it was "
+          "trained with (its MODEL_DIR/config.gin), or an assignment map when fine-tuning.")
+    if stored[name] != tuple(leaf.shape):
+      raise ValueError(
+          f"checkpoint {directory}/{step} stores {name!r} with shape {stored[name]}, but the "
+          f"model expects {tuple(leaf.shape)}: the checkpoint comes from another model "
+          "config (size or vocabulary); use the gin model file it was trained with "
+          "(its MODEL_DIR/config.gin).")
+
+
+def restore(directory: str, step: int, abstract, shardings):
+  """-> (the subset of the saved state that `abstract` describes (a pytree of
+  ShapeDtypeStructs like the state, e.g. {'step', 'params'}), placed by `shardings`;
+  the saved data position)."""
+  check_compatible(directory, step, abstract)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+  state = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)
+  manager = ocp.CheckpointManager(directory)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=state, data=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return restored["state"], restored["data"]
+
+
+def _checkpoint_name(name: str, assignment_map) -> str | None:
+  """The stored name for the new model's parameter `name`; None keeps it as initialised."""
+  for pattern, replacement in assignment_map:
+    if re.fullmatch(pattern, name):
+      return None if replacement is None else re.sub(pattern, replacement, name)
+  return name
+
+
+def restore_mapped_params(directory: str, step: int, params, shardings, assignment_map=()):
+  """Fine-tuning's restore: each parameter of `params` (the new model's, initialised)
+  is read from the checkpoint under the name the assignment map gives it: a list of
+  (regex over 'encoder/layers/0/...' names, replacement or None); the first full match
+  wins, None keeps the initialised value, no match keeps the name. Raises naming a
+  parameter that is not stored (or has another shape). -> (params, names kept)."""
+  stored = stored_param_shapes(directory, step)
+  paths = {"/".join(map(str, p)): p for p in traverse_util.flatten_dict(params)}
+  flat, flat_shardings = flat_names(params), flat_names(shardings)
+  sources, kept = {}, []
+  for name, leaf in flat.items():
+    source = _checkpoint_name(name, assignment_map)
+    if source is None:
+      kept.append(name)
+      continue
+    where = "" if source == name else f" (mapped to {source!r})"
+    if source not in stored:
+      raise ValueError(
+          f"fine-tuning: parameter {name!r}{where} of shape {tuple(leaf.shape)} is not in "
+          f"checkpoint {directory}/{step}; add it to train.init_assignment_map, e.g. "
+          f"[(r'{name}', None)] to keep it freshly initialised, or map it to a stored name.")
+    if stored[source] != tuple(leaf.shape):
+      raise ValueError(
+          f"fine-tuning: parameter {name!r}{where} has shape {tuple(leaf.shape)} but the "
+          f"checkpoint stores {stored[source]}; map it elsewhere or to None in "
+          "train.init_assignment_map.")
+    sources[name] = source
+  abstract = {"params/" + s: jax.ShapeDtypeStruct(flat[n].shape, flat[n].dtype)
+              for n, s in sources.items()}
+  shard = {"params/" + s: flat_shardings[n] for n, s in sources.items()}
+  restored, _ = restore(directory, step, traverse_util.unflatten_dict(abstract, sep="/"),
+                        traverse_util.unflatten_dict(shard, sep="/"))
+  restored = flat_names(restored)
+  out = {paths[n]: restored["params/" + sources[n]] if n in sources else leaf
+         for n, leaf in flat.items()}
+  return traverse_util.unflatten_dict(out), kept

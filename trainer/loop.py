@@ -12,16 +12,12 @@ from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.model.moe import upcycle_dense_params
 from ul2x.tasks import pipeline
+from ul2x.trainer import checkpoints
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
-from ul2x.trainer.steps import init_train_state, make_eval_step, make_train_step, summarize
-
-
-def _global_batch(local: dict, shardings: dict) -> dict:
-  """This host's numpy batch -> global jax arrays laid out by `shardings`."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in local.items()}
+from ul2x.trainer.setup import Setup, setup
+from ul2x.trainer.steps import summarize
 
 
 def _say(message: str):
@@ -31,13 +27,11 @@ def _say(message: str):
 
 def _dense_params(path: str) -> dict:
   """Params of the latest checkpoint under `path`: a MODEL_DIR or its checkpoints/."""
-  directory = os.path.join(path, "checkpoints")
-  directory = os.path.abspath(directory if os.path.isdir(directory) else path)
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
-  step = manager and manager.latest_step()
-  if step is None:
-    raise ValueError(f"train.init_from_dense_checkpoint={path!r} holds no checkpoint; pass "
-                     "the MODEL_DIR of a dense run (or its checkpoints/ directory).")
+  try:
+    directory, step = checkpoints.find_checkpoint(path)
+  except ValueError as e:
+    raise ValueError(f"train.init_from_dense_checkpoint={e}") from None
+  manager = ocp.CheckpointManager(directory)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
   _say(f"upcycling the dense checkpoint {directory} at step {step}")
@@ -56,20 +50,49 @@ def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
         "--gin.train.batch_size, --gin.train.num_microbatches or the mesh.")
 
 
+def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
+                   init_optimizer_state: bool, init_from_dense_checkpoint):
+  """A fresh run's state: initialised, then fine-tuning's restore or MoE upcycling."""
+  state = job.init_state()
+  if init_checkpoint:
+    directory, step = checkpoints.find_checkpoint(init_checkpoint)
+    if init_optimizer_state:
+      restored = job.restore_state(directory, step)
+      state = {**restored, "step": state["step"]}
+    else:
+      state["params"], kept = checkpoints.restore_mapped_params(
+          directory, step, state["params"], job.shardings["params"], init_assignment_map)
+      if kept:
+        _say(f"fine-tuning: {len(kept)} parameter(s) kept as initialised: {', '.join(kept)}")
+    _say(f"fine-tuning from {directory} at step {step}")
+  if init_from_dense_checkpoint:
+    upcycle = jax.jit(lambda dense, moe: upcycle_dense_params(dense, moe, job.cfg),
+                      out_shardings=job.shardings["params"])
+    state["params"] = upcycle(_dense_params(init_from_dense_checkpoint), state["params"])
+  return state
+
+
 @gin.configurable
 def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           task_feature_lengths: dict, model_config: TransformerConfig = gin.REQUIRED,
-          batch_size: int = 16, num_microbatches: int = 1, z_loss: float = 1e-4,
-          seed: int = 0, pack: bool = True, log_every: int = 10, eval_every: int = 100,
-          eval_batches: int = 4, eval_split: str = "validation",
+          optimizer=None, mesh=None, batch_size: int = 16, num_microbatches: int = 1,
+          z_loss: float = 1e-4, seed: int = 0, pack: bool = True, log_every: int = 10,
+          eval_every: int = 100, eval_batches: int = 4, eval_split: str = "validation",
           checkpoint_every: int = 500, keep_checkpoints: int = 3,
           async_checkpointing: bool = True, logical_axis_rules=None,
           moe_aux_loss: float = 1e-2, router_z_loss: float = 1e-3,
-          init_from_dense_checkpoint: str | None = None) -> dict:
+          init_from_dense_checkpoint: str | None = None, init_checkpoint: str | None = None,
+          init_assignment_map=(), init_optimizer_state: bool = False) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
-  A fresh MoE run with `init_from_dense_checkpoint` (a dense run's MODEL_DIR)
-  starts from that checkpoint's params, each MLP copied into every expert.
+  `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
+  default `create_optimizer(train_steps)`; `mesh` defaults to `create_mesh()`.
+  A fresh run with `init_checkpoint` (fine-tuning) starts from that checkpoint's
+  params, renamed by `init_assignment_map` ([(regex, replacement or None)], see
+  `checkpoints.restore_mapped_params`), at step 0 with a fresh optimizer state, or
+  with its optimizer state too if `init_optimizer_state`. A fresh MoE run with
+  `init_from_dense_checkpoint` (a dense run's MODEL_DIR) starts from that
+  checkpoint's params, each MLP copied into every expert.
 
   Returns the last logged metrics (a dict of floats).
   """
@@ -78,59 +101,60 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
     if value < least:
       raise ValueError(f"train.{name}={value} must be at least {least}.")
   cfg = model_config
-  mesh = partitioning.create_mesh()
-  rules = logical_axis_rules or partitioning.standard_logical_axis_rules()
-  _check_batch_size(batch_size, num_microbatches, mesh, rules)
-  tx, schedule = create_optimizer(train_steps)
-  graphdef, init_fn, state_shardings = init_train_state(cfg, tx, mesh, rules, seed)
-
+  job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
+              optimizer=optimizer or create_optimizer(train_steps))
+  _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
   ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"),
                       every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
-    data_position = {"train_batches": 0}
-    if init_from_dense_checkpoint:
-      upcycle = jax.jit(lambda dense, moe: upcycle_dense_params(dense, moe, cfg),
-                        out_shardings=state_shardings["params"])
-      state["params"] = upcycle(_dense_params(init_from_dense_checkpoint), state["params"])
-  else:
-    state, data_position = ckpt.restore(latest, jax.eval_shape(init_fn), state_shardings)
-    _say(f"resumed from {ckpt.directory} at step {latest}")
-  start = int(state["step"])
-  if start >= train_steps:
-    _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
-         "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = _initial_state(job, init_checkpoint=init_checkpoint,
+                             init_assignment_map=init_assignment_map,
+                             init_optimizer_state=init_optimizer_state,
+                             init_from_dense_checkpoint=init_from_dense_checkpoint)
+      data_position = {"train_batches": 0}
+    else:
+      state, data_position = ckpt.restore(latest, job.abstract_state(), job.shardings)
+      _say(f"resumed from {ckpt.directory} at step {latest}")
+    start = int(state["step"])
+    if start >= train_steps:
+      _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
+           "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
+      return {}
+    return _loop(job, state, data_position, ckpt, model_dir=model_dir, start=start,
+                 train_steps=train_steps, mixture_or_task_name=mixture_or_task_name,
+                 task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+                 num_microbatches=num_microbatches, z_loss=z_loss, seed=seed, pack=pack,
+                 log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+                 eval_split=eval_split, moe_aux_loss=moe_aux_loss,
+                 router_z_loss=router_z_loss)
+  finally:
     ckpt.close()
-    return {}
 
+
+def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_steps,
+          mixture_or_task_name, task_feature_lengths, batch_size, num_microbatches, z_loss,
+          seed, pack, log_every, eval_every, eval_batches, eval_split, moe_aux_loss,
+          router_z_loss) -> dict:
+  cfg = job.cfg
   hosts = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
   local_batch = batch_size // jax.process_count()
   train_ds = pipeline.get_dataset(
       mixture_or_task_name, task_feature_lengths, "train", local_batch,
       architecture=cfg.architecture, pack=pack, seed=seed, **hosts)
   train_iter = train_ds.skip(data_position["train_batches"]).as_numpy_iterator()
-  batch_spec = partitioning.batch_spec(rules, mesh)
-  batch_shardings = {k: jax.sharding.NamedSharding(mesh, batch_spec)
-                     for k in train_ds.element_spec}
-
-  step_fn = jax.jit(
-      make_train_step(graphdef, tx, schedule, mesh=mesh, rules=rules,
-                      num_microbatches=num_microbatches, z_loss=z_loss,
-                      moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
-                      dropout_seed=seed),
-      in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(graphdef, mesh=mesh, rules=rules, z_loss=z_loss),
-                    in_shardings=(state_shardings["params"], batch_shardings))
+  step_fn = job.train_step(num_microbatches=num_microbatches, z_loss=z_loss,
+                           moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
+                           dropout_seed=seed)
+  eval_fn = job.eval_step(z_loss=z_loss)
   eval_data = []
   if eval_every and eval_batches:
     eval_ds = pipeline.get_dataset(
         mixture_or_task_name, task_feature_lengths, eval_split, local_batch,
         architecture=cfg.architecture, pack=pack, seed=seed, **hosts)
-    eval_data = [_global_batch(b, batch_shardings)
-                 for b in eval_ds.take(eval_batches).as_numpy_iterator()]
+    eval_data = [job.global_batch(b) for b in eval_ds.take(eval_batches).as_numpy_iterator()]
 
   lengths = pipeline.feature_lengths_for(cfg.architecture, task_feature_lengths)
   progress = Progress(train_steps, batch_size * tokens_per_example(cfg, lengths),
@@ -141,7 +165,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   scalars = {}
   progress.mark(start)
   for step in range(start + 1, train_steps + 1):
-    state, metrics = step_fn(state, _global_batch(next(train_iter), batch_shardings))
+    state, metrics = step_fn(state, job.global_batch(next(train_iter)))
     data_position["train_batches"] += 1
     if step % log_every == 0 or step == train_steps:
       metrics = jax.device_get(metrics)
@@ -156,7 +180,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
            f"acc {eval_scalars['accuracy']:.3f}")
       progress.mark(step)
     ckpt.maybe_save(step, state, data_position, final=step == train_steps)
-  ckpt.close()
+  ckpt.manager.wait_until_finished()
   _say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
        f"(tensorboard --logdir {os.path.abspath(model_dir)})")
   return scalars

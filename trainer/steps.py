@@ -1,35 +1,13 @@
-"""The train state and the pure train / eval step functions (jitted by the loop)."""
+"""The pure train and eval step functions (jitted by `trainer.setup.Setup`)."""
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec
 
 from ul2x import partitioning
-from ul2x.model import build_model
 from ul2x.model.losses import SUM_KEYS, cross_entropy_sums
 from ul2x.model.moe import pop_router_metrics
-
-
-def init_train_state(cfg, tx, mesh, rules, seed: int):
-  """-> (graphdef, init_fn, state shardings). `init_fn()` builds the state
-  {'step', 'params', 'opt_state'}; jit it with the shardings as out_shardings."""
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
-  graphdef, abstract = nnx.split(abstract_model)
-  abstract_params = nnx.to_pure_dict(abstract)
-  p_specs = partitioning.param_specs(abstract_params, partitioning.logical_axes(abstract),
-                                     mesh, rules)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  o_specs = partitioning.opt_state_specs(tx, abstract_opt, abstract_params, p_specs)
-  specs = {"step": PartitionSpec(), "params": p_specs, "opt_state": o_specs}
-
-  def init_fn():
-    params = nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(seed))))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
-
-  return graphdef, init_fn, partitioning.to_named(specs, mesh)
 
 
 def _sums(graphdef, params, batch, key, z_loss):
