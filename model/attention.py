@@ -171,17 +171,31 @@ class MultiHeadAttention(nnx.Module):
     self.rope = cfg.rope_max_wavelength if cfg.position == "rope" else None
     self.attention_fn = get_attention_fn(cfg.attention)
 
-  def __call__(self, x_q, x_kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-               q_prefix=None, kv_prefix=None, bias=None):
-    """x_q: [batch, q_len, embed], x_kv: [batch, kv_len, embed] -> [batch, q_len, embed]."""
+  def project_kv(self, x_kv, kv_positions):
+    """x_kv: [batch, kv_len, embed] -> keys and values [batch, kv_len, heads, head_dim]
+    (RoPE applied to the keys), as attention takes them and as a decoding cache holds them."""
     names = ("batch", "length", "heads", "kv")
-    q = constrain(self.query(x_q), names)
     k = constrain(self.key(x_kv), names)
     v = constrain(self.value(x_kv), names)
     if self.rope is not None:
-      q = apply_rope(q, q_positions, self.rope)
       k = apply_rope(k, kv_positions, self.rope)
-    out = self.attention_fn(
+    return k, v
+
+  def __call__(self, x_q, x_kv, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+               q_prefix=None, kv_prefix=None, bias=None, kv=None):
+    """x_q: [batch, q_len, embed], x_kv: [batch, kv_len, embed] -> [batch, q_len, embed].
+
+    kv: (keys, values) from a decoding cache instead of projecting `x_kv` (None then);
+    cached keys and values are attended with the reference implementation, whatever
+    `cfg.attention` names (decoding attends one new token per row to the cache).
+    """
+    names = ("batch", "length", "heads", "kv")
+    q = constrain(self.query(x_q), names)
+    if self.rope is not None:
+      q = apply_rope(q, q_positions, self.rope)
+    k, v = self.project_kv(x_kv, kv_positions) if kv is None else kv
+    attention_fn = self.attention_fn if kv is None else dot_product_attention
+    out = attention_fn(
         q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,
         q_prefix=q_prefix, kv_prefix=kv_prefix, bias=bias)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ul2x.model import cache as kv_cache
 from ul2x.model.attention import MultiHeadAttention, ring_layout, stack_bias
 from ul2x.model.config import TransformerConfig
 from ul2x.model.layers import Dense, Embed, GatedMLP, RMSNorm, dropout
@@ -46,25 +47,51 @@ class TransformerLayer(nnx.Module):
                           dtype=dt, rngs=rngs)
     self.moe = moe
     self.dropout_rate = cfg.dropout_rate
+    self.cfg = cfg
 
-  def __call__(self, x, ctx: dict, key=None):
-    """x: [batch, length, embed]; ctx holds segment ids, positions, bias, encoder output."""
+  def __call__(self, x, ctx: dict, key=None, cache=None):
+    """x: [batch, length, embed]; ctx holds segment ids, positions, bias, encoder output.
+
+    cache: this layer's decoding cache ({'self': keys/values, 'cross': the encoder's});
+    then ctx's `kv_*` entries describe the cached positions, the new keys and values are
+    written at `positions`, and the queries attend to the whole cache. -> (x, cache).
+    """
     k_attn, k_cross, k_mlp, k_out = _split(key, 4)
     h = self.self_attention_norm(x)
-    h = self.self_attention(
-        h, h, q_segment_ids=ctx["segment_ids"], kv_segment_ids=ctx["segment_ids"],
-        q_positions=ctx["positions"], kv_positions=ctx["positions"],
-        q_prefix=ctx.get("prefix"), kv_prefix=ctx.get("prefix"), bias=ctx.get("bias"))
+    queries = dict(q_segment_ids=ctx["segment_ids"], q_positions=ctx["positions"],
+                   q_prefix=ctx.get("prefix"), bias=ctx.get("bias"))
+    if cache is None:
+      h = self.self_attention(h, h, kv_segment_ids=ctx["segment_ids"],
+                              kv_positions=ctx["positions"], kv_prefix=ctx.get("prefix"),
+                              **queries)
+    else:
+      k, v = self.self_attention.project_kv(h, ctx["positions"])
+      offset = ctx["positions"][:, 0]
+      cache = dict(cache, self={"k": kv_cache.write(cache["self"]["k"], k, offset),
+                                "v": kv_cache.write(cache["self"]["v"], v, offset)})
+      h = self.self_attention(h, None, kv_segment_ids=ctx["kv_segment_ids"],
+                              kv_positions=ctx["kv_positions"], kv_prefix=ctx["kv_prefix"],
+                              kv=(cache["self"]["k"], cache["self"]["v"]), **queries)
     x = constrain(x + dropout(h, self.dropout_rate, k_attn), _ACT)
     if self.cross:
       h = self.cross_attention(
-          self.cross_attention_norm(x), ctx["encoded"], q_segment_ids=ctx["segment_ids"],
+          self.cross_attention_norm(x), ctx.get("encoded"), q_segment_ids=ctx["segment_ids"],
           kv_segment_ids=ctx["encoded_segment_ids"], q_positions=ctx["positions"],
-          kv_positions=ctx["encoded_positions"])
+          kv_positions=ctx["encoded_positions"],
+          kv=None if cache is None else (cache["cross"]["k"], cache["cross"]["v"]))
       x = constrain(x + dropout(h, self.dropout_rate, k_cross), _ACT)
     h = self.mlp_norm(x)
     h = self.mlp(h, k_mlp, ctx["segment_ids"]) if self.moe else self.mlp(h, k_mlp)
-    return constrain(x + dropout(h, self.dropout_rate, k_out), _ACT)
+    return constrain(x + dropout(h, self.dropout_rate, k_out), _ACT), cache
+
+  def init_cache(self, batch: int, length: int, encoded=None, encoded_positions=None) -> dict:
+    """Empty self-attention keys/values for `length` positions; with cross-attention, the
+    keys/values of `encoded` [batch, enc_len, embed]."""
+    cache = {"self": kv_cache.empty_kv(batch, length, self.cfg)}
+    if self.cross:
+      k, v = self.cross_attention.project_kv(encoded, encoded_positions)
+      cache["cross"] = {"k": k, "v": v}
+    return cache
 
 
 class MoeBlock(nnx.Module):
@@ -77,10 +104,16 @@ class MoeBlock(nnx.Module):
         TransformerLayer(cfg, causal=causal, cross=cross, moe=i == n - 1, rngs=rngs)
         for i in range(n)])
 
-  def __call__(self, x, ctx: dict, key=None):
-    for layer, k in zip(self.sublayers, _split(key, len(self.sublayers))):
-      x = layer(x, ctx, k)
-    return x
+  def __call__(self, x, ctx: dict, key=None, cache=None):
+    caches = [None] * len(self.sublayers) if cache is None else cache
+    new = []
+    for layer, k, c in zip(self.sublayers, _split(key, len(self.sublayers)), caches):
+      x, c = layer(x, ctx, k, c)
+      new.append(c)
+    return x, None if cache is None else new
+
+  def init_cache(self, *args) -> list:
+    return [layer.init_cache(*args) for layer in self.sublayers]
 
 
 def _prefix_axes(module: nnx.Module, name: str):
@@ -105,29 +138,42 @@ class LayerStack(nnx.Module):
     else:
       self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
 
-  def __call__(self, x, ctx: dict, key=None):
+  def __call__(self, x, ctx: dict, key=None, cache=None):
+    """-> x, or (x, cache) with a decoding `cache` (a list of the layers' caches, or
+    theirs stacked on a leading layer axis when scanned)."""
     keys = None if key is None else jax.random.split(key, self.num_layers)
     if not self.scan:
-      apply = nnx.remat(lambda layer, x, k: layer(x, ctx, k)) if self.remat else (
-          lambda layer, x, k: layer(x, ctx, k))
+      apply = lambda layer, x, k, c: layer(x, ctx, k, c)
+      if self.remat and cache is None:
+        apply = nnx.remat(apply)
+      caches = [None] * self.num_layers if cache is None else cache
+      new = []
       for i, layer in enumerate(self.layers):
-        x = apply(layer, x, None if keys is None else keys[i])
-      return x
+        x, c = apply(layer, x, None if keys is None else keys[i], caches[i])
+        new.append(c)
+      return x if cache is None else (x, new)
     graphdef, state = nnx.split(self.layers)
 
     def body(x, xs):
-      layer_state, k = xs
+      layer_state, k, c = xs
       layer = nnx.merge(graphdef, layer_state)
-      x = layer(x, ctx, k)
+      x, c = layer(x, ctx, k, c)
       # What layers sow (MoE router stats) leaves the scan stacked over layers.
-      return x, nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))
+      return x, (nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate)), c)
 
-    if self.remat:
+    if self.remat and cache is None:
       body = jax.checkpoint(body)
-    x, sown = jax.lax.scan(body, x, (state, keys))
+    x, (sown, cache_out) = jax.lax.scan(body, x, (state, keys, cache))
     if sown:
       self.sow(nnx.Intermediate, "scanned", sown)
-    return x
+    return x if cache is None else (x, cache_out)
+
+  def init_cache(self, *args):
+    """Each layer's `init_cache(*args)`: a list, or stacked on a leading layer axis."""
+    if not self.scan:
+      return [layer.init_cache(*args) for layer in self.layers]
+    graphdef, state = nnx.split(self.layers)
+    return jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(*args))(state)
 
 
 def _layer_stack(cfg: TransformerConfig, num_layers: int, *, causal: bool, cross: bool,
@@ -216,6 +262,22 @@ class EncoderDecoder(nnx.Module):
     x = self.decoder(constrain(x, _ACT), ctx, k_layers)
     return self.output(constrain(from_layout(x), _ACT), self.embed, k_out)
 
+  def init_decoding(self, batch, max_decode_len: int):
+    """Encodes batch['encoder_input_tokens'] [batch, enc_len] once -> (the decoding cache
+    for `max_decode_len` decoder positions, first tokens int32 [batch]: the start id 0)."""
+    encoded, seg, pos = self.encode(batch)
+    b = encoded.shape[0]
+    layers = self.decoder.init_cache(b, max_decode_len, encoded, pos)
+    cache = kv_cache.empty(b, max_decode_len, layers)
+    cache.update(encoded_segment_ids=seg, encoded_positions=pos)
+    return cache, jnp.zeros((b,), jnp.int32)
+
+  def decode(self, tokens, cache):
+    """tokens: int32 [batch, chunk] at each row's cache['index'] -> (float32 logits
+    [batch, chunk, vocab], the cache with their keys/values, advanced by chunk)."""
+    return _decode(self, tokens, cache, encoded_segment_ids=cache["encoded_segment_ids"],
+                   encoded_positions=cache["encoded_positions"])
+
 
 class DecoderOnly(nnx.Module):
   """Decoder-only LM: causal, or prefix-LM when the batch has `decoder_causal_attention`
@@ -245,6 +307,40 @@ class DecoderOnly(nnx.Module):
       ctx["bias"] = stack_bias(self.decoder_bias, pos, self.cfg.attention)
     x = self.decoder(constrain(x, _ACT), ctx, k_layers)
     return self.output(constrain(from_layout(x), _ACT), self.embed, k_out)
+
+  def init_decoding(self, batch, max_decode_len: int):
+    """Prefills the prompt -> (the decoding cache for prompt_len + max_decode_len
+    positions, first tokens int32 [batch]: each row's last prompt token, which the search
+    feeds again at its own position to get the first new token's logits).
+
+    batch: `decoder_input_tokens` [batch, prompt_len] laid out as seqio's converters do
+    (0, then the prompt), `decoder_segment_ids` (1 on the prompt, 0 on padding) and,
+    for a prefix LM, `decoder_causal_attention` (1 on the bidirectional prefix).
+    """
+    tokens, seg = batch["decoder_input_tokens"], batch["decoder_segment_ids"]
+    b, length = tokens.shape[0], tokens.shape[1] + max_decode_len
+    cache = kv_cache.empty(b, length, self.decoder.init_cache(b, length))
+    _, cache = _decode(self, tokens, cache, seg, batch.get("decoder_causal_attention"))
+    last = jnp.sum((seg != 0).astype(jnp.int32), axis=1) - 1
+    cache["index"] = last
+    return cache, jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0]
+
+  def decode(self, tokens, cache):
+    """tokens: int32 [batch, chunk] at each row's cache['index'] -> (float32 logits
+    [batch, chunk, vocab], the cache with their keys/values, advanced by chunk)."""
+    return _decode(self, tokens, cache)
+
+
+def _decode(model, tokens, cache, segment_ids=None, prefix=None, **context):
+  """`chunk` new tokens per row through the decoder stack against the cache (shared by
+  both architectures; `context` adds the encoder's segment ids and positions)."""
+  ctx, cache = kv_cache.chunk_context(cache, tokens.shape[1], segment_ids, prefix)
+  if model.cfg.position == "relative":
+    ctx["bias"] = model.decoder_bias(ctx["positions"], ctx["kv_positions"])
+  x, layers = model.decoder(constrain(model.embed(tokens), _ACT), {**ctx, **context}, None,
+                            cache["layers"])
+  cache = dict(cache, layers=layers, index=cache["index"] + tokens.shape[1])
+  return model.output(constrain(x, _ACT), model.embed), cache
 
 
 def build_model(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
