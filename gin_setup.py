@@ -59,8 +59,13 @@ def _find_gin_file(name: str, search: list[str]) -> str:
                     "add its directory to --gin_search_paths.")
 
 
+# Macros that a run file may declare `%gin.REQUIRED` beyond a job's own required ones.
+DECLARED_REQUIRED = ("INITIAL_CHECKPOINT_PATH",)
+
+
 def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
-  """Parses gin files and bindings; fails if a required macro has no value."""
+  """Parses gin files and bindings; fails if a required macro has no value (or one of
+  `DECLARED_REQUIRED` is declared required by a run file and left unset)."""
   # User directories first, so their files shadow ours; then cwd, then the package.
   search = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), PACKAGE_DIR]
   search = list(dict.fromkeys(os.path.abspath(p) for p in search))
@@ -76,10 +81,12 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
                       "holds the module or add it to PYTHONPATH.") from e
   except (ValueError, KeyError, IOError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
-  for name in required_macros:
+  for name in required_macros + DECLARED_REQUIRED:
     try:
       value = gin.query_parameter(f"%{name}")
     except ValueError:  # the macro is not defined at all
+      if name in DECLARED_REQUIRED:
+        continue
       value = None
     if value is None or repr(value) == "%gin.REQUIRED":  # gin keeps REQUIRED as a reference
       raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")

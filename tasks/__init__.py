@@ -1,8 +1,10 @@
 """ul2x.tasks: seqio tasks over the embedded corpus, UL2 mixtures, and the trainer's batches.
 
-Importing this package registers `ul2x_span_corruption`, `ul2x_prefix_lm` and the
-UL2 mixture `ul2x_ul2` with its seven member tasks (idempotent), and hides GPUs
-from TensorFlow. Register your own corpus with `register_ul2_mixture` (docs/ul2.md).
+Importing this package registers `ul2x_span_corruption`, `ul2x_prefix_lm`, the causal
+LM `ul2x_lm`, the synthetic seq2seq task `ul2x_reverse` and the UL2 mixture `ul2x_ul2`
+with its seven member tasks (idempotent), and hides GPUs from TensorFlow. Register
+your own corpus with `register_ul2_mixture` (docs/ul2.md). Examples and batches for
+decoding and scoring are in `ul2x.tasks.inference`.
 """
 
 from ul2x.tasks.pipeline import feature_lengths_for, get_dataset  # first: hides GPUs from TF

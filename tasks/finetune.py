@@ -9,8 +9,9 @@ for any seqio `source` whose examples hold the two texts, then in gin (or
   prepend_mode_token.mode_token = '[S2S]'
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 import functools
+from typing import Any
 
 import gin
 import seqio
@@ -39,12 +40,17 @@ def prepend_mode_token(dataset: tf.data.Dataset, output_features: Mapping[str, s
 def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
                            inputs_key: str = "inputs", targets_key: str = "targets",
                            mode_token: str | None = None,
-                           vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+                           vocabulary: seqio.Vocabulary | None = None,
+                           postprocess_fn: Callable[..., Any] | None = None,
+                           metric_fns: Sequence[Callable[..., dict]] = ()) -> seqio.Task:
   """Registers (replacing) a supervised task `name`: text `inputs_key` -> `targets_key`.
 
   The inputs are led by `mode_token`, or when None by gin's
   `prepend_mode_token.mode_token`; inputs and targets longer than the task feature
-  lengths are truncated (EOS kept), as seqio does for supervised tasks.
+  lengths are truncated (EOS kept), as seqio does for supervised tasks. For evaluation,
+  `postprocess_fn(text, example=, is_target=)` maps decoded targets and predictions and
+  each of `metric_fns(targets, predictions) -> {name: value}` scores them (seqio's API;
+  see `ul2x.tasks.metrics`).
   """
   if mode_token is None:
     mode = prepend_mode_token
@@ -60,4 +66,5 @@ def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
           functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
           mode,
           seqio.preprocessors.append_eos_after_trim,
-      ])
+      ],
+      postprocess_fn=postprocess_fn, metric_fns=metric_fns)

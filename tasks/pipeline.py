@@ -15,27 +15,53 @@ import seqio  # noqa: E402  (after the GPU is hidden)
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 
 
-def feature_converter(architecture: str, pack: bool = True) -> seqio.FeatureConverter:
-  """seqio's converter for `architecture`: EncDec or PrefixLM (decoder-only)."""
+def feature_converter(architecture: str, pack: bool = True,
+                      has_inputs: bool = True) -> seqio.FeatureConverter:
+  """seqio's converter for `architecture` and a task with or without `inputs`.
+
+  encoder_decoder: EncDec (needs inputs). decoder_only: PrefixLM (inputs a bidirectional
+  prefix, loss on targets only) when the task has inputs, else the fully causal LM
+  converter (no `decoder_causal_attention`, loss on every token).
+  """
   if architecture == "encoder_decoder":
+    if not has_inputs:
+      raise ValueError("architecture 'encoder_decoder' needs a task with 'inputs'; use "
+                       "architecture 'decoder_only' for a targets-only (causal LM) task.")
     return seqio.EncDecFeatureConverter(pack=pack)
   if architecture == "decoder_only":
-    return seqio.PrefixLMFeatureConverter(pack=pack)
+    if has_inputs:
+      return seqio.PrefixLMFeatureConverter(pack=pack)
+    return seqio.LMFeatureConverter(pack=pack)
   raise ValueError(f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}.")
 
 
 def feature_lengths_for(architecture: str,
                         task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
-  """Model feature name -> length, e.g. decoder-only `decoder_target_tokens` = inputs + targets."""
-  converter = feature_converter(architecture)
+  """Model feature name -> length, e.g. decoder-only `decoder_target_tokens` = inputs + targets.
+
+  A task without inputs is recognised by `task_feature_lengths` lacking 'inputs'.
+  """
+  converter = feature_converter(architecture, has_inputs="inputs" in task_feature_lengths)
   return dict(converter.get_model_feature_lengths(dict(task_feature_lengths)))
 
 
-def _mixture_or_task(name: str) -> seqio.DatasetProviderBase:
+def mixture_or_task(name: str) -> seqio.DatasetProviderBase:
+  """The registered seqio task or mixture `name`; raises listing the registered ones."""
   names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
   if name not in names:
     raise ValueError(f"unknown seqio task or mixture {name!r}; registered: {', '.join(names)}.")
   return seqio.get_mixture_or_task(name)
+
+
+def check_feature_lengths(provider: seqio.DatasetProviderBase,
+                          task_feature_lengths: Mapping[str, int]) -> None:
+  """Raises unless `task_feature_lengths` names exactly the provider's output features."""
+  features = sorted(provider.output_features)
+  if sorted(task_feature_lengths) != features:
+    example = {k: task_feature_lengths.get(k, 64) for k in features}
+    raise ValueError(
+        f"task_feature_lengths {dict(task_feature_lengths)} do not match the features "
+        f"{features} of {provider.name!r}; give one length per feature, e.g. {example}.")
 
 
 def _with_segment_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -98,7 +124,8 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: dict[str, int],
 
   Encoder-decoder: `encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
   decoder_loss_weights, encoder_segment_ids, decoder_segment_ids, encoder_positions,
-  decoder_positions`; decoder-only: the `decoder_*` ones plus `decoder_causal_attention`.
+  decoder_positions`; decoder-only: the `decoder_*` ones, plus `decoder_causal_attention`
+  when the task has inputs (a targets-only task is a fully causal LM).
   Lengths are `feature_lengths_for(architecture, task_feature_lengths)`. Unpacked
   batches get segment ids (1 on tokens, 0 on padding) and positions too.
 
@@ -108,8 +135,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: dict[str, int],
   corrupts differently on every call. `repeat=True` cycles forever. Raises before
   building if any task (each member of a mixture) would yield no example here.
   """
-  converter = feature_converter(architecture, pack)
-  provider = _mixture_or_task(mixture_or_task_name)
+  provider = mixture_or_task(mixture_or_task_name)
+  check_feature_lengths(provider, task_feature_lengths)
+  converter = feature_converter(architecture, pack, has_inputs="inputs" in task_feature_lengths)
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards}).")
   if batch_size < 1:

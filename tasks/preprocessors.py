@@ -1,5 +1,6 @@
 """Denoising preprocessors (seqio, tf.data graph mode): token-stream chunks, T5 span
-corruption and prefix LM, each optionally led by a UL2 paradigm token.
+corruption and prefix LM, each optionally led by a UL2 paradigm token, and the plain
+causal LM's chunks.
 
 `tokenize_text` turns source examples into `{'targets': int32 [n]}`, one document
 each. The denoisers concatenate the documents, each ended by EOS, into one stream
@@ -88,6 +89,26 @@ def concat_chunks(dataset: tf.data.Dataset, chunk_length: int, separator: int) -
 
   start = tf.zeros([0], dataset.element_spec["targets"].dtype)
   return dataset.scan(start, cut).unbatch()
+
+
+def lm_chunks(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """Causal LM: the token stream (`concat_chunks`) cut into chunks of the targets length.
+
+  Yields `{'targets': int32 [targets]}`. No EOS is appended: a chunk ends mid-document,
+  and the EOS between documents is already in the stream.
+  """
+  if not sequence_length or "targets" not in sequence_length:
+    raise ValueError(f"lm_chunks needs sequence_length with 'targets', got {sequence_length!r}; "
+                     "pass task_feature_lengths={'targets': ...}.")
+  vocab = output_features["targets"].vocabulary
+
+  @tf.autograph.experimental.do_not_convert
+  def as_targets(tokens):
+    return {"targets": tokens}
+
+  chunks = concat_chunks(dataset, int(sequence_length["targets"]), vocab.eos_id)
+  return chunks.map(as_targets, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _map_blocks(fn, chunks: tf.data.Dataset, vocab: seqio.Vocabulary,

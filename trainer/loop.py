@@ -14,6 +14,7 @@ from ul2x.model.moe import upcycle_dense_params
 from ul2x.tasks import pipeline
 from ul2x.trainer import checkpoints
 from ul2x.trainer.checkpoints import Checkpointer
+from ul2x.trainer.evaluate import Evaluator
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import Setup, setup
@@ -82,7 +83,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           async_checkpointing: bool = True, logical_axis_rules=None,
           moe_aux_loss: float = 1e-2, router_z_loss: float = 1e-3,
           init_from_dense_checkpoint: str | None = None, init_checkpoint: str | None = None,
-          init_assignment_map=(), init_optimizer_state: bool = False) -> dict:
+          init_assignment_map=(), init_optimizer_state: bool = False,
+          infer_eval_every: int = 0, infer_eval_task: str | None = None,
+          infer_eval_examples: int | None = 64) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -92,12 +95,15 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   `checkpoints.restore_mapped_params`), at step 0 with a fresh optimizer state, or
   with its optimizer state too if `init_optimizer_state`. A fresh MoE run with
   `init_from_dense_checkpoint` (a dense run's MODEL_DIR) starts from that
-  checkpoint's params, each MLP copied into every expert.
+  checkpoint's params, each MLP copied into every expert. Every `infer_eval_every`
+  steps (0: never) the model decodes `infer_eval_examples` examples of the validation
+  split of `infer_eval_task` (default: the training task) and logs the task's metrics.
 
   Returns the last logged metrics (a dict of floats).
   """
   for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
-                             ("eval_every", eval_every, 0), ("train_steps", train_steps, 1)):
+                             ("eval_every", eval_every, 0), ("train_steps", train_steps, 1),
+                             ("infer_eval_every", infer_eval_every, 0)):
     if value < least:
       raise ValueError(f"train.{name}={value} must be at least {least}.")
   cfg = model_config
@@ -129,7 +135,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                  num_microbatches=num_microbatches, z_loss=z_loss, seed=seed, pack=pack,
                  log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                  eval_split=eval_split, moe_aux_loss=moe_aux_loss,
-                 router_z_loss=router_z_loss)
+                 router_z_loss=router_z_loss, infer_eval_every=infer_eval_every,
+                 infer_eval=infer_eval_every and Evaluator(
+                     job, infer_eval_task or mixture_or_task_name, split=eval_split,
+                     task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+                     max_decode_len=None, num_examples=infer_eval_examples))
   finally:
     ckpt.close()
 
@@ -137,7 +147,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
 def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_steps,
           mixture_or_task_name, task_feature_lengths, batch_size, num_microbatches, z_loss,
           seed, pack, log_every, eval_every, eval_batches, eval_split, moe_aux_loss,
-          router_z_loss) -> dict:
+          router_z_loss, infer_eval_every, infer_eval) -> dict:
   cfg = job.cfg
   hosts = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
   local_batch = batch_size // jax.process_count()
@@ -178,6 +188,11 @@ def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_ste
       eval_writer.write(step, eval_scalars)
       _say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
            f"acc {eval_scalars['accuracy']:.3f}")
+      progress.mark(step)
+    if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
+      results = infer_eval(state["params"])
+      eval_writer.write(step, results)
+      _say(f"infer eval step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
       progress.mark(step)
     ckpt.maybe_save(step, state, data_position, final=step == train_steps)
   ckpt.manager.wait_until_finished()

@@ -5,6 +5,7 @@ under a search of model/decoding.py; `cached=False` is its reference twin, which
 recomputes the whole sequence at every step and reads the logits at the row's position.
 """
 
+import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -59,13 +60,15 @@ def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
   return tokens_to_logits, state, first, 0
 
 
+@gin.configurable
 def make_predict_fn(job, *, max_decode_len: int, eos_id: int = 1, method: str = "greedy",
                     cached: bool = True, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, beam_size: int = 4, alpha: float = 0.6):
   """The jitted `predict(params, batch, key) -> (tokens int32 [batch, max_decode_len],
   scores float32 [batch])`: the best beam for 'beam' (length-normalised score), else
   the sum of the tokens' log-probabilities. `key` seeds 'sample' (ignored otherwise).
-  batch: as `model.init_decoding` takes it."""
+  batch: as `model.init_decoding` takes it. The search is set from gin, e.g.
+  `make_predict_fn.method = 'beam'`, `make_predict_fn.beam_size = 4`."""
   if method not in METHODS:
     raise ValueError(f"decoding method {method!r} is unknown; use one of {METHODS}.")
   if max_decode_len < 1:

@@ -19,7 +19,7 @@ from ul2x.trainer import checkpoints
 from ul2x.trainer.steps import make_eval_step, make_train_step
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jitted fns are cached per job
 class Setup:
   """A model laid out on a mesh. `state` is {'step', 'params', 'opt_state'} with an
   optimizer, {'step', 'params'} without one (eval, infer, export)."""

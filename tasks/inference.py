@@ -1,0 +1,293 @@
+"""Examples and model batches for the infer and eval jobs (no JAX): a task's or a file's
+examples, prompts for decoding, teacher-forced batches for scoring, and the task's
+postprocessing and metrics of decoded text.
+
+An example is `{'inputs': int32 [n] (when there are inputs), 'targets': int32 [m] (when
+there are targets), 'inputs_pretokenized': str, 'targets_pretokenized': str}` (each text
+beside its ids), each id sequence ending in EOS as seqio appends it and no longer than
+its task feature length.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import seqio
+
+from ul2x.tasks import pipeline
+from ul2x.tasks.vocabularies import (PARADIGM_TOKENS, byte_vocabulary, decode_with_reserved,
+                                     paradigm_token_id)
+
+Example = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+
+def decode(ids: Sequence[int] | np.ndarray, vocabulary: seqio.Vocabulary | None = None) -> str:
+  """Text of `ids` up to the first EOS (id 1), mode tokens and sentinels spelled out
+  (`[S2S]`, `<extra_id_0>`); padding dropped. `vocabulary` defaults to bytes."""
+  vocabulary = vocabulary or byte_vocabulary()
+  ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+  if vocabulary.eos_id in ids:
+    ids = ids[:ids.index(vocabulary.eos_id)]
+  return decode_with_reserved(vocabulary, ids)
+
+
+def _task(name: str) -> seqio.Task:
+  provider = pipeline.mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    tasks = ", ".join(task.name for task in provider.tasks)
+    raise ValueError(f"{name!r} is a mixture, not a task; pass one of its tasks: {tasks}.")
+  return provider
+
+
+def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int],
+                  num_examples: int | None = None) -> list[Example]:
+  """Task `name`'s preprocessed examples of `split` in order (one epoch, unshuffled,
+  unpacked), truncated to `task_feature_lengths`; all of them unless `num_examples`.
+
+  The texts are seqio's `*_pretokenized` features when the task keeps them, else the
+  ids decoded (`decode`, so a mode token shows as e.g. `[S2S]`).
+  """
+  task = _task(name)
+  if split not in task.splits:
+    raise ValueError(f"task {name!r} has no split {split!r}; its splits are "
+                     f"{sorted(task.splits)}.")
+  pipeline.check_feature_lengths(task, task_feature_lengths)
+  ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split, shuffle=False,
+                        num_epochs=1, use_cached=False)
+  if num_examples is not None:
+    ds = ds.take(num_examples)
+  return [_with_texts(ex, task.output_features) for ex in ds.as_numpy_iterator()]
+
+
+def _with_texts(ex: Mapping[str, Any], features: Mapping[str, seqio.Feature]) -> Example:
+  example = {}
+  for key, feature in features.items():
+    example[key] = np.asarray(ex[key], np.int32)
+    text = ex.get(f"{key}_pretokenized")
+    example[f"{key}_pretokenized"] = (decode(example[key], feature.vocabulary) if text is None
+                                      else text.decode("utf-8"))
+  return example
+
+
+def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
+                  mode_token: str | None = None,
+                  task_feature_lengths: Mapping[str, int]) -> list[Example]:
+  """Examples from a file: '.jsonl' (a JSON object per line with an 'inputs' and an optional
+  'targets' string) or, for any other extension, plain text with one input per non-empty line.
+
+  Tokenized with `vocabulary` (default bytes); `mode_token` ('[NLU]', '[NLG]', '[S2S]' or
+  None) leads the inputs as its single reserved id, as in training; EOS appended after
+  truncating to `task_feature_lengths` ('inputs', and 'targets' when a line has targets).
+  """
+  vocabulary = vocabulary or byte_vocabulary()
+  if mode_token is not None and mode_token not in PARADIGM_TOKENS:
+    raise ValueError(f"mode_token {mode_token!r} is not one of {', '.join(PARADIGM_TOKENS)}; "
+                     "pass one of them, or None for no mode token.")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f"input file {path!r} does not exist; pass the path of a .jsonl or "
+                     "text file.")
+  lines = file.read_text(encoding="utf-8").splitlines()
+  texts = _jsonl_texts(lines, path) if file.suffix == ".jsonl" else [
+      {"inputs": line} for line in lines if line.strip()]
+  if not texts:
+    raise ValueError(f"input file {path!r} holds no inputs; write one input per line.")
+  leading = [paradigm_token_id(vocabulary, mode_token)] if mode_token else []
+  examples = []
+  for text in texts:
+    example = {}
+    for key, value in text.items():
+      ids = (leading if key == "inputs" else []) + vocabulary.encode(value)
+      example[key] = _append_eos_after_trim(ids, _length(task_feature_lengths, key, path),
+                                            vocabulary.eos_id)
+      example[f"{key}_pretokenized"] = value
+    examples.append(example)
+  return examples
+
+
+def _jsonl_texts(lines: list[str], path: str) -> list[dict[str, str]]:
+  """'inputs' (and 'targets' where given) of each non-blank JSONL line."""
+  texts = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line {number} is not JSON ({e.msg}); write one JSON object "
+                       "per line.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("inputs"), str):
+      raise ValueError(f"{path} line {number} has no 'inputs' string; write e.g. "
+                       '{"inputs": "...", "targets": "..."}.')
+    targets = record.get("targets")
+    if targets is not None and not isinstance(targets, str):
+      raise ValueError(f"{path} line {number} has 'targets' {targets!r}, not a string; "
+                       "write the targets as a string or leave them out.")
+    texts.append({k: record[k] for k in ("inputs", "targets") if k in record})
+  return texts
+
+
+def _length(task_feature_lengths: Mapping[str, int], key: str, path: str) -> int:
+  if key not in task_feature_lengths:
+    raise ValueError(f"{path} has {key!r} but task_feature_lengths {dict(task_feature_lengths)} "
+                     f"give no length for it; add {key!r}.")
+  return task_feature_lengths[key]
+
+
+def _append_eos_after_trim(ids: list[int], length: int, eos_id: int) -> np.ndarray:
+  """int32 [<= length]: `ids` cut to `length - 1`, then EOS (seqio's append_eos_after_trim)."""
+  return np.asarray(ids[:length - 1] + [eos_id], np.int32)
+
+
+def _padded(ids: np.ndarray, length: int, what: str) -> np.ndarray:
+  """int32 [length]: `ids` then zeros."""
+  if len(ids) > length:
+    raise ValueError(f"{what} has {len(ids)} tokens, more than its length {length}; raise "
+                     "task_feature_lengths or truncate the example (task_examples and "
+                     "file_examples do).")
+  out = np.zeros(length, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
+def _batches(rows: Sequence[Batch], batch_size: int) -> Iterator[tuple[Batch, int]]:
+  """Stacks `rows` (dicts of [len] arrays) into [batch_size, len] batches; the last is
+  filled with all-zero rows. Yields (batch, number of real rows)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size {batch_size} must be at least 1.")
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    yield {key: np.stack([row[key] for row in chunk]
+                         + [np.zeros_like(chunk[0][key])] * (batch_size - len(chunk)))
+           for key in chunk[0]}, len(chunk)
+
+
+def _check_architecture(architecture: str) -> None:
+  if architecture not in pipeline.ARCHITECTURES:
+    raise ValueError(f"architecture {architecture!r} is not supported; use one of "
+                     f"{pipeline.ARCHITECTURES}.")
+
+
+def _inputs(example: Example, architecture: str) -> np.ndarray:
+  if "inputs" not in example:
+    raise ValueError(f"architecture {architecture!r} needs examples with 'inputs'; this one "
+                     f"has {sorted(example)}.")
+  return example["inputs"]
+
+
+def _prompt(example: Example, architecture: str, inputs_length: int) -> Batch:
+  """One row of `predict_batches`."""
+  if architecture == "encoder_decoder":
+    return {"encoder_input_tokens": _padded(_inputs(example, architecture), inputs_length,
+                                            "inputs")}
+  inputs = example.get("inputs", np.zeros([0], np.int32))
+  tokens = _padded(np.concatenate([[0], inputs]), 1 + inputs_length, "inputs")
+  prompt = (np.arange(1 + inputs_length) <= len(inputs)).astype(np.int32)
+  # A prefix LM reads its inputs (and the position after them) bidirectionally, as
+  # seqio marks them in training; a causal LM reads nothing bidirectionally.
+  causal = prompt if "inputs" in example else np.zeros_like(prompt)
+  return {"decoder_input_tokens": tokens, "decoder_segment_ids": prompt,
+          "decoder_causal_attention": causal}
+
+
+def predict_batches(examples: Sequence[Example], *, architecture: str,
+                    task_feature_lengths: Mapping[str, int],
+                    batch_size: int) -> Iterator[tuple[Batch, int]]:
+  """(batch of int32 arrays, real rows) of prompts for decoding; the last batch is filled
+  with all-zero rows up to `batch_size`.
+
+  encoder_decoder: `encoder_input_tokens` [b, inputs]. decoder_only: the prompt as the
+  PrefixLM converter lays it out in training, P = len(inputs) (0 without inputs):
+  `decoder_input_tokens` [b, 1 + inputs] = [0, x_0 .. x_{P-1}, 0 ...],
+  `decoder_segment_ids` [b, 1 + inputs] = 1 on those P + 1 positions, and
+  `decoder_causal_attention` [b, 1 + inputs] = the same 1s (the bidirectional prefix),
+  all 0 for examples without inputs (a causal LM).
+  """
+  _check_architecture(architecture)
+  inputs_length = task_feature_lengths.get("inputs", 0)
+  rows = [_prompt(ex, architecture, inputs_length) for ex in examples]
+  return _batches(rows, batch_size)
+
+
+def _segments(stack: str, tokens: np.ndarray) -> Batch:
+  """`pipeline._with_segment_ids` for one row: segment ids 1 on tokens, positions 0.."""
+  segment_ids = (tokens != 0).astype(np.int32)
+  return {f"{stack}_segment_ids": segment_ids,
+          f"{stack}_positions": np.arange(len(tokens), dtype=np.int32) * segment_ids}
+
+
+def _teacher_forced(example: Example, architecture: str,
+                    task_feature_lengths: Mapping[str, int]) -> Batch:
+  """One row of `score_batches`: seqio's unpacked conversion of `example`."""
+  if "targets" not in example:
+    raise ValueError(f"scoring needs examples with 'targets'; this one has {sorted(example)}.")
+  targets = example["targets"]
+  row = {}
+  prefix = 0
+  if architecture == "encoder_decoder":
+    row["encoder_input_tokens"] = _padded(_inputs(example, architecture),
+                                          task_feature_lengths["inputs"], "inputs")
+    row.update(_segments("encoder", row["encoder_input_tokens"]))
+    length = task_feature_lengths["targets"]
+  elif "inputs" in task_feature_lengths:
+    prefix = len(_inputs(example, architecture))
+    targets = np.concatenate([example["inputs"], targets])
+    length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+  else:
+    length = task_feature_lengths["targets"]
+  target_tokens = _padded(targets, length, "targets")
+  positions = np.arange(length)
+  row.update({
+      "decoder_target_tokens": target_tokens,
+      "decoder_input_tokens": np.concatenate([[0], target_tokens[:-1]]).astype(np.int32),
+      "decoder_loss_weights": ((target_tokens != 0) & (positions >= prefix)).astype(np.int32)})
+  if architecture == "decoder_only" and "inputs" in task_feature_lengths:
+    row["decoder_causal_attention"] = (positions <= prefix).astype(np.int32)
+  row.update(_segments("decoder", target_tokens))
+  return row
+
+
+def score_batches(examples: Sequence[Example], *, architecture: str,
+                  task_feature_lengths: Mapping[str, int],
+                  batch_size: int) -> Iterator[tuple[Batch, int]]:
+  """(batch of int32 arrays, real rows) of teacher-forced features for scoring the
+  examples' targets: what `pipeline.get_dataset(..., pack=False)` gives for them, i.e.
+  seqio's EncDec / PrefixLM / LM converter unpacked plus `*_segment_ids` and
+  `*_positions`, each [b, feature_lengths_for(architecture, task_feature_lengths)[key]].
+  The last batch is filled with all-zero rows (loss weight 0) up to `batch_size`.
+  """
+  _check_architecture(architecture)
+  rows = [_teacher_forced(ex, architecture, task_feature_lengths) for ex in examples]
+  return _batches(rows, batch_size)
+
+
+def postprocess_and_evaluate(name: str, examples: Sequence[Example],
+                             predictions: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
+  """(postprocessed predictions, metrics) of decoded `predictions`, one per example.
+
+  Predictions go through task `name`'s `postprocess_fn(..., is_target=False)`, targets
+  (`targets_pretokenized`) through it with `is_target=True`, then each of the task's
+  `metric_fn(targets, predictions)`. Metrics are {} when the task has none or no example
+  has targets.
+  """
+  task = _task(name)
+  if len(predictions) != len(examples):
+    raise ValueError(f"got {len(predictions)} predictions for {len(examples)} examples; "
+                     "pass one prediction per example.")
+  processed = [task.postprocess_fn(p, example=ex, is_target=False)
+               for p, ex in zip(predictions, examples)]
+  with_targets = sum("targets_pretokenized" in ex for ex in examples)
+  if not task.predict_metric_fns or not with_targets:
+    return processed, {}
+  if with_targets < len(examples):
+    raise ValueError(f"{len(examples) - with_targets} of {len(examples)} examples have no "
+                     "targets; metrics need a target for every example (add 'targets').")
+  targets = [task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
+             for ex in examples]
+  metrics = {}
+  for metric_fn in task.predict_metric_fns:
+    metrics.update(metric_fn(targets, processed))
+  return processed, metrics

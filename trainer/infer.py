@@ -1,0 +1,164 @@
+"""The infer job: predictions (decoding) or scores (log-likelihood of given targets) for a
+seqio task split or a text / JSONL file of inputs, written as JSONL."""
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import gin
+import jax
+import numpy as np
+
+from ul2x.model import TransformerConfig
+from ul2x.tasks import inference
+from ul2x.trainer.predict import make_predict_fn, make_score_fn
+from ul2x.trainer.setup import Setup, setup
+
+MODES = ("predict", "score")
+
+
+def _say(message: str, end: str = "\n"):
+  if jax.process_index() == 0:
+    print(message, end=end, flush=True)
+
+
+class ProgressBar:
+  """`done/total examples  rate  ETA` on one updating line (a line per 10% off a tty)."""
+
+  def __init__(self, total: int, what: str):
+    self.total, self.what, self.start, self.shown = total, what, time.perf_counter(), -1
+    self.tty = sys.stdout.isatty()
+
+  def update(self, done: int):
+    elapsed = time.perf_counter() - self.start
+    rate = done / max(elapsed, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    decile = 10 * done // max(self.total, 1)
+    if not self.tty and decile == self.shown:
+      return
+    self.shown = decile
+    start = "\r" if self.tty else ""
+    _say(f"{start}{self.what} {done}/{self.total}  {rate:.1f} ex/s  "
+         f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+         end="" if self.tty and done < self.total else "\n")
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(job: Setup, mode: str, max_decode_len: int | None):
+  """One compiled function per job and mode, reused by every call (e.g. each in-training
+  evaluation)."""
+  if mode == "predict":
+    return make_predict_fn(job, max_decode_len=max_decode_len)
+  return make_score_fn(job)
+
+
+def run_examples(job: Setup, params, examples, *, mode: str, task_feature_lengths: dict,
+                 batch_size: int, max_decode_len: int | None = None, seed: int = 0,
+                 what: str = "infer") -> list[dict]:
+  """Decodes (mode 'predict') or scores ('score') `examples` (tasks.inference format)
+  -> per example {'prediction': ids without padding, 'score': float} ('score' only)."""
+  if mode not in MODES:
+    raise ValueError(f"infer.mode={mode!r} is not one of {MODES}.")
+  arch = job.cfg.architecture
+  if mode == "predict":
+    fn = _jitted(job, mode, max_decode_len or task_feature_lengths.get("targets"))
+    batches = inference.predict_batches(examples, architecture=arch, batch_size=batch_size,
+                                        task_feature_lengths=task_feature_lengths)
+  else:
+    fn = _jitted(job, mode, None)
+    batches = inference.score_batches(examples, architecture=arch, batch_size=batch_size,
+                                      task_feature_lengths=task_feature_lengths)
+  results, bar, key = [], ProgressBar(len(examples), what), jax.random.key(seed)
+  for i, (batch, rows) in enumerate(batches):
+    batch = job.global_batch(batch)
+    if mode == "predict":
+      tokens, scores = jax.device_get(fn(params, batch, jax.random.fold_in(key, i)))
+      results += [{"prediction": _until_eos(t), "score": float(s)}
+                  for t, s in zip(tokens[:rows], scores[:rows])]
+    else:
+      results += [{"score": float(s)} for s in jax.device_get(fn(params, batch))[:rows]]
+    bar.update(len(results))
+  return results
+
+
+def _until_eos(tokens) -> list[int]:
+  tokens = [int(t) for t in tokens]
+  return tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
+
+
+def write_jsonl_atomically(path: str, rows: list[dict], overwrite: bool = False) -> None:
+  """Writes rows as JSONL through a temporary file renamed into place, so a failure
+  leaves nothing partial; refuses to replace an existing file unless `overwrite`."""
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f"{path} exists; pass --gin.infer.overwrite=True or another "
+                     "INFER_OUTPUT_DIR to replace it.")
+  directory = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  except OSError as e:
+    raise ValueError(f"cannot write to {directory} ({e.strerror}); choose a writable "
+                     "INFER_OUTPUT_DIR.") from None
+  with os.fdopen(fd, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
+
+
+@gin.configurable
+def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
+          mixture_or_task_name: str | None = None, input_file: str | None = None,
+          model_config: TransformerConfig = gin.REQUIRED, mode: str = "predict",
+          split: str = "validation", batch_size: int = 32, max_decode_len: int | None = None,
+          num_examples: int | None = None, mode_token: str | None = None, seed: int = 0,
+          step: int | None = None, overwrite: bool = False, mesh=None) -> str:
+  """Writes `output_dir/<task or file name>-<mode>-<step>.jsonl`, one row per example:
+  `inputs`, `prediction` (predict) or `targets` (score), and `score` (the prediction's
+  log-probability, or the given targets' log-likelihood). Inputs come from the task's
+  `split` or from `input_file` (.jsonl with 'inputs' [and 'targets'], else one input per
+  line) led by `mode_token`. Returns the output path."""
+  if mode not in MODES:
+    raise ValueError(f"infer.mode={mode!r} is not one of {MODES}; use --gin.infer.mode.")
+  if bool(mixture_or_task_name) == bool(input_file):
+    raise ValueError("give exactly one of MIXTURE_OR_TASK_NAME and INPUT_FILE (now "
+                     f"{mixture_or_task_name!r} and {input_file!r}).")
+  if max_decode_len is not None and max_decode_len < 1:
+    raise ValueError(f"infer.max_decode_len={max_decode_len} must be at least 1.")
+  if input_file:
+    examples = inference.file_examples(input_file, mode_token=mode_token,
+                                       task_feature_lengths=task_feature_lengths)
+    name = os.path.splitext(os.path.basename(input_file))[0]
+    if mode == "score" and any("targets" not in e for e in examples):
+      raise ValueError(f"infer.mode='score' needs 'targets' on every line of {input_file}.")
+  else:
+    examples = inference.task_examples(mixture_or_task_name, split, task_feature_lengths,
+                                       num_examples)
+    name = f"{mixture_or_task_name}-{split}"
+  examples = examples[:num_examples] if num_examples else examples
+  job = setup(model_config, mesh=mesh)
+  state = job.restore_state(checkpoint_path, step)
+  at = int(state["step"])
+  path = os.path.join(output_dir, f"{name}-{mode}-{at}.jsonl")
+  if os.path.exists(path) and not overwrite:  # before any decoding work
+    raise ValueError(f"{path} exists; pass --gin.infer.overwrite=True or another "
+                     "INFER_OUTPUT_DIR to replace it.")
+  _say(f"{mode}: {len(examples)} examples of {name} with the checkpoint at step {at}")
+  results = run_examples(job, state["params"], examples, mode=mode, seed=seed,
+                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+                         max_decode_len=max_decode_len)
+  rows = []
+  for example, result in zip(examples, results):
+    row = {"inputs": example.get("inputs_pretokenized", "")}
+    if mode == "predict":
+      row["prediction"] = inference.decode(result["prediction"])
+    else:
+      row["targets"] = example["targets_pretokenized"]
+    row["score"] = result["score"]
+    rows.append(row)
+  if jax.process_index() == 0:
+    write_jsonl_atomically(path, rows, overwrite)
+  _say(f"wrote {len(rows)} rows to {path}")
+  return path
