@@ -19,7 +19,7 @@ train: $(STAMP)
 	  --gin.MODEL_DIR="'$(MODEL_DIR)'"
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(CPU8) $(PY) bench/train_step.py

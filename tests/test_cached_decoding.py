@@ -23,10 +23,9 @@ MOE = dataclasses.replace(ED, num_experts=4, moe_layer_interval=2, group_size=16
                           capacity_factor=4.0)
 CONFIGS = {
     "encoder_decoder": ED,
-    "encoder_decoder_scanned": dataclasses.replace(ED, scan_layers=True),
+    "moe_encoder_decoder_scanned": dataclasses.replace(MOE, scan_layers=True),
     "decoder_only_rope_prefix_lm": DO,
     "decoder_only_relative_causal": dataclasses.replace(DO, position="relative"),
-    "moe_encoder_decoder": MOE,
 }
 MAX_LEN = 10
 

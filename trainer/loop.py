@@ -110,18 +110,19 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
-  ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"),
-                      every=checkpoint_every, max_to_keep=keep_checkpoints,
+  directory = os.path.join(model_dir, "checkpoints")
+  saved = checkpoints.checkpoint_steps(directory)
+  if not saved:  # before the checkpoint manager creates anything in MODEL_DIR
+    state = _initial_state(job, init_checkpoint=init_checkpoint,
+                           init_assignment_map=init_assignment_map,
+                           init_optimizer_state=init_optimizer_state,
+                           init_from_dense_checkpoint=init_from_dense_checkpoint)
+    data_position = {"train_batches": 0}
+  ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      state = _initial_state(job, init_checkpoint=init_checkpoint,
-                             init_assignment_map=init_assignment_map,
-                             init_optimizer_state=init_optimizer_state,
-                             init_from_dense_checkpoint=init_from_dense_checkpoint)
-      data_position = {"train_batches": 0}
-    else:
+    if saved:
+      latest = saved[-1]
       state, data_position = ckpt.restore(latest, job.abstract_state(), job.shardings)
       _say(f"resumed from {ckpt.directory} at step {latest}")
     start = int(state["step"])

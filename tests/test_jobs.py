@@ -1,0 +1,152 @@
+"""The job family end to end through the command line: train the tiny model on the
+learnable `ul2x_reverse` task, decode it with `ul2x.infer` (greedy, beam, score), evaluate
+every checkpoint with `ul2x.eval`, fine-tune from it, and each bad input's one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Two simulated devices (data=2): a sharded batch at a fraction of eight devices' cost.
+# The Makefile runs pytest with --dist loadfile, so the trained fixture is built once.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+           JAX_PLATFORMS="cpu")
+LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
+MODEL = "--gin_file=gin_configs/models/tiny.gin"
+TRAIN = [MODEL, "--gin_file=gin_configs/runs/pretrain.gin", LENGTHS,
+         "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'", "--gin.BATCH_SIZE=32",
+         "--gin.train.log_every=100", "--gin.train.eval_every=0",
+         "--gin.learning_rate_schedule.schedule='constant'",
+         "--gin.learning_rate_schedule.learning_rate=0.005",
+         "--gin.learning_rate_schedule.warmup_steps=20"]
+STEPS = 500
+
+
+def cli(job: str, *args):
+  return subprocess.run([sys.executable, "-m", f"ul2x.{job}", *args], capture_output=True,
+                        text=True, env=ENV, timeout=600)
+
+
+def infer(checkpoint, out, *args):
+  return cli("infer", MODEL, "--gin_file=gin_configs/runs/infer.gin", LENGTHS,
+             f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.INFER_OUTPUT_DIR='{out}'", *args)
+
+
+def rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def one_line_error(result, *fragments):
+  assert result.returncode == 2, result.stderr[-2000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in error[0], error[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """MODEL_DIR of a 500-step run with checkpoints at steps 200, 400 and 500."""
+  model_dir = tmp_path_factory.mktemp("reverse")
+  result = cli("train", *TRAIN, f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
+               "--gin.train.checkpoint_every=200")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir
+
+
+def exact_match(predictions):
+  """Percent of rows whose prediction reverses the input (after its [S2S] mode token)."""
+  hits = [r["prediction"] == r["inputs"].removeprefix("[S2S]")[::-1] for r in predictions]
+  return 100.0 * sum(hits) / len(hits)
+
+
+def test_infer_decodes_the_trained_task_and_eval_agrees(trained, tmp_path):
+  result = infer(trained, tmp_path, "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'")
+  assert result.returncode == 0, result.stderr[-3000:]
+  greedy = rows(tmp_path / f"ul2x_reverse-validation-predict-{STEPS}.jsonl")
+  assert len(greedy) == 200 and set(greedy[0]) == {"inputs", "prediction", "score"}
+  assert exact_match(greedy) >= 90.0, exact_match(greedy)
+  assert "infer 200/200" in result.stdout
+
+  out = tmp_path / "eval"
+  args = [MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
+          f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
+          "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"]
+  result = cli("eval", *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  evaluated = rows(out / "metrics.jsonl")
+  assert [r["step"] for r in evaluated] == [200, 400, STEPS]
+  assert evaluated[-1]["ul2x_reverse/exact_match"] == pytest.approx(exact_match(greedy))
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+  again = cli("eval", *args)
+  assert again.returncode == 0 and "skipping steps [200, 400, 500]" in again.stdout
+  assert len(rows(out / "metrics.jsonl")) == 3
+
+  # Beam search (alpha 0: raw log-probabilities) finds sequences at least as likely.
+  beam_dir = tmp_path / "beam"
+  result = infer(trained, beam_dir, "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'",
+                 "--gin.make_predict_fn.method='beam'", "--gin.make_predict_fn.alpha=0.0",
+                 "--gin.infer.num_examples=64")
+  assert result.returncode == 0, result.stderr[-3000:]
+  beam = rows(beam_dir / f"ul2x_reverse-validation-predict-{STEPS}.jsonl")
+  assert all(b["score"] >= g["score"] - 1e-4 for b, g in zip(beam, greedy))
+
+
+def test_infer_on_a_file_predicts_and_scores(trained, tmp_path):
+  inputs = tmp_path / "prompts.jsonl"
+  inputs.write_text('{"inputs": "abcd", "targets": "dcba"}\n{"inputs": "hij", "targets": "hij"}\n')
+  common = ["--gin.INPUT_FILE='%s'" % inputs, "--gin.infer.mode_token='[S2S]'"]
+  result = infer(trained, tmp_path, *common)
+  assert result.returncode == 0, result.stderr[-3000:]
+  predicted = rows(tmp_path / f"prompts-predict-{STEPS}.jsonl")
+  assert [r["prediction"] for r in predicted] == ["dcba", "jih"]
+  result = infer(trained, tmp_path, *common, "--gin.infer.mode='score'")
+  assert result.returncode == 0, result.stderr[-3000:]
+  scored = rows(tmp_path / f"prompts-score-{STEPS}.jsonl")
+  assert scored[0]["score"] == pytest.approx(predicted[0]["score"], abs=1e-4)
+  assert scored[1]["score"] < scored[0]["score"] - 5  # 'hij' is not the reversal
+  # Nothing is written over existing results.
+  before = (tmp_path / f"prompts-predict-{STEPS}.jsonl").read_text()
+  one_line_error(infer(trained, tmp_path, *common), "exists", "--gin.infer.overwrite=True")
+  assert (tmp_path / f"prompts-predict-{STEPS}.jsonl").read_text() == before
+
+
+def test_bad_inputs_give_one_line(trained, tmp_path):
+  task = "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"
+  one_line_error(infer(tmp_path / "empty", tmp_path, task), "holds no checkpoint")
+  one_line_error(infer(trained, tmp_path, "--gin.INPUT_FILE='/nonexistent.jsonl'"),
+                 "/nonexistent.jsonl")
+  bad = tmp_path / "in" / "bad.jsonl"
+  bad.parent.mkdir()
+  bad.write_text('{"inputs": "ab"}\nnot json\n')
+  one_line_error(infer(trained, tmp_path, f"--gin.INPUT_FILE='{bad}'"), "line 2")
+  one_line_error(infer(trained, tmp_path, task, "--gin.infer.max_decode_len=0"),
+                 "max_decode_len=0")
+  one_line_error(infer(trained, tmp_path, task, "--gin.TransformerConfig.emb_dim=64"),
+                 "shape", "model config")
+  one_line_error(infer(trained, tmp_path, task, "--gin.TransformerConfig.vocab_size=512"),
+                 "(512, 128)", "(384, 128)")
+  one_line_error(cli("eval", MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
+                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
+                     "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'"),
+                 "no metric functions")
+  assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_fine_tuning_needs_an_assignment_map_for_new_parameters(trained, tmp_path):
+  finetune = [*TRAIN[:1], "--gin_file=gin_configs/runs/finetune.gin", *TRAIN[2:5],
+              f"--gin.INITIAL_CHECKPOINT_PATH='{trained}'", "--gin.TRAIN_STEPS=2",
+              "--gin.train.log_every=1", "--gin.TransformerConfig.num_decoder_layers=3"]
+  result = cli("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'a'}'")
+  one_line_error(result, "decoder/layers/2/", "train.init_assignment_map")
+  assert not (tmp_path / "a" / "checkpoints").exists()
+  result = cli("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
+               "--gin.train.init_assignment_map=[(r'decoder/layers/2/.*', None)]")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "kept as initialised" in result.stdout and "fine-tuning from" in result.stdout
+  first = next(line for line in result.stdout.splitlines() if line.startswith("step 1/2"))
+  # Chance is ln(384) = 5.95; a fresh model starts there, a pretrained one far below.
+  assert float(first.split("loss ")[1].split()[0]) < 3.0, first
