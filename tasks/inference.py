@@ -265,13 +265,14 @@ def score_batches(examples: Sequence[Example], *, architecture: str,
 
 
 def postprocess_and_evaluate(name: str, examples: Sequence[Example],
-                             predictions: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
+                             predictions: Sequence[str],
+                             metric_fns=None) -> tuple[list[Any], dict[str, Any]]:
   """(postprocessed predictions, metrics) of decoded `predictions`, one per example.
 
   Predictions go through task `name`'s `postprocess_fn(..., is_target=False)`, targets
   (`targets_pretokenized`) through it with `is_target=True`, then each of the task's
-  `metric_fn(targets, predictions)`. Metrics are {} when the task has none or no example
-  has targets.
+  `metric_fn(targets, predictions)` (or of `metric_fns` when given). Metrics are {} when
+  there are none or no example has targets.
   """
   task = _task(name)
   if len(predictions) != len(examples):
@@ -280,7 +281,8 @@ def postprocess_and_evaluate(name: str, examples: Sequence[Example],
   processed = [task.postprocess_fn(p, example=ex, is_target=False)
                for p, ex in zip(predictions, examples)]
   with_targets = sum("targets_pretokenized" in ex for ex in examples)
-  if not task.predict_metric_fns or not with_targets:
+  metric_fns = task.predict_metric_fns if metric_fns is None else metric_fns
+  if not metric_fns or not with_targets:
     return processed, {}
   if with_targets < len(examples):
     raise ValueError(f"{len(examples) - with_targets} of {len(examples)} examples have no "
@@ -288,6 +290,6 @@ def postprocess_and_evaluate(name: str, examples: Sequence[Example],
   targets = [task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
              for ex in examples]
   metrics = {}
-  for metric_fn in task.predict_metric_fns:
+  for metric_fn in metric_fns:
     metrics.update(metric_fn(targets, processed))
   return processed, metrics

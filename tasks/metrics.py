@@ -28,3 +28,15 @@ def exact_match(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str,
     raise ValueError("exact_match got no targets; evaluate at least one example.")
   matches = sum(t == p for t, p in zip(targets, predictions))
   return {"exact_match": 100.0 * matches / len(targets)}
+
+
+METRICS = {"exact_match": exact_match}
+
+
+def metric_fns(names: Sequence[str]) -> list:
+  """The metric functions named `names` (keys of `METRICS`)."""
+  unknown = [n for n in names if n not in METRICS]
+  if unknown:
+    raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}. Pass known "
+                     "names, or register the task with its own metric_fns.")
+  return [METRICS[n] for n in names]

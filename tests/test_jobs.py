@@ -133,6 +133,10 @@ def test_bad_inputs_give_one_line(trained, tmp_path):
                      f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
                      "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'"),
                  "no metric functions")
+  one_line_error(cli("eval", MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
+                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
+                     "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'", "--gin.evaluate.metrics=['bleu']"),
+                 "unknown metric(s) ['bleu']")
   assert not list(tmp_path.glob("*.jsonl"))
 
 

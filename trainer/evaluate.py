@@ -9,17 +9,18 @@ import gin
 import jax
 
 from ul2x.model import TransformerConfig
-from ul2x.tasks import inference, pipeline
+from ul2x.tasks import inference, metrics, pipeline
 from ul2x.trainer import checkpoints
 from ul2x.trainer.infer import _say, run_examples, write_jsonl_atomically
 from ul2x.trainer.setup import Setup, setup
 
 
-def metric_tasks(name: str) -> list[str]:
-  """The task `name`, or a mixture's member tasks, that have metric functions."""
+def metric_tasks(name: str, named_metrics: bool = False) -> list[str]:
+  """The task `name`, or a mixture's member tasks, that have metric functions (all of
+  them when the metrics are named in gin)."""
   provider = pipeline.mixture_or_task(name)
   tasks = getattr(provider, "tasks", [provider])
-  names = [t.name for t in tasks if t.predict_metric_fns]
+  names = [t.name for t in tasks if t.predict_metric_fns or named_metrics]
   if not names:
     raise ValueError(f"{name!r} has no metric functions to evaluate; register the task with "
                      "metric_fns (e.g. register_finetune_task(..., metric_fns=[exact_match])).")
@@ -31,11 +32,12 @@ class Evaluator:
 
   def __init__(self, job: Setup, mixture_or_task_name: str, *, split: str,
                task_feature_lengths: dict, batch_size: int, max_decode_len: int | None,
-               num_examples: int | None):
+               num_examples: int | None, metric_names=None):
     self.job, self.batch_size, self.lengths = job, batch_size, task_feature_lengths
     self.max_decode_len = max_decode_len
+    self.metric_fns = None if metric_names is None else metrics.metric_fns(metric_names)
     self.examples = {t: inference.task_examples(t, split, task_feature_lengths, num_examples)
-                     for t in metric_tasks(mixture_or_task_name)}
+                     for t in metric_tasks(mixture_or_task_name, metric_names is not None)}
 
   def __call__(self, params) -> dict[str, float]:
     """-> {'<task>/<metric>': value}."""
@@ -45,8 +47,8 @@ class Evaluator:
                              task_feature_lengths=self.lengths, batch_size=self.batch_size,
                              max_decode_len=self.max_decode_len)
       texts = [inference.decode(r["prediction"]) for r in decoded]
-      _, metrics = inference.postprocess_and_evaluate(task, examples, texts)
-      results.update({f"{task}/{k}": float(v) for k, v in metrics.items()})
+      _, values = inference.postprocess_and_evaluate(task, examples, texts, self.metric_fns)
+      results.update({f"{task}/{k}": float(v) for k, v in values.items()})
     return results
 
 
@@ -72,10 +74,11 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
              task_feature_lengths: dict, model_config: TransformerConfig = gin.REQUIRED,
              split: str = "validation", batch_size: int = 32,
              max_decode_len: int | None = None, num_examples: int | None = None,
-             checkpoint_steps="all", mesh=None) -> list[dict]:
+             checkpoint_steps="all", metrics=None, mesh=None) -> list[dict]:
   """Evaluates each chosen checkpoint not yet evaluated in `output_dir`; writes
   `<output_dir>/<name>-<step>.json`, appends a row to `<output_dir>/metrics.jsonl` and
-  TensorBoard scalars to `<output_dir>/`. Returns the new rows."""
+  TensorBoard scalars to `<output_dir>/`. `metrics` (names in `tasks.metrics.METRICS`)
+  replaces the tasks' own metric functions. Returns the new rows."""
   from ul2x.trainer.metrics import MetricsWriter  # TensorBoard: TensorFlow
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"evaluate.max_decode_len={max_decode_len} must be at least 1.")
@@ -83,7 +86,8 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   job = setup(model_config, mesh=mesh)
   evaluator = Evaluator(job, mixture_or_task_name, split=split,
                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-                        max_decode_len=max_decode_len, num_examples=num_examples)
+                        max_decode_len=max_decode_len, num_examples=num_examples,
+                        metric_names=metrics)
   name = f"{mixture_or_task_name}-{split}"
   todo = [s for s in steps if not os.path.exists(os.path.join(output_dir, f"{name}-{s}.json"))]
   if len(todo) < len(steps):
