@@ -73,14 +73,16 @@ def _with_texts(ex: Mapping[str, Any], features: Mapping[str, seqio.Feature]) ->
 
 
 def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
-                  mode_token: str | None = None,
-                  task_feature_lengths: Mapping[str, int]) -> list[Example]:
+                  mode_token: str | None = None, task_feature_lengths: Mapping[str, int],
+                  causal_prompt: bool = False) -> list[Example]:
   """Examples from a file: '.jsonl' (a JSON object per line with an 'inputs' and an optional
   'targets' string) or, for any other extension, plain text with one input per non-empty line.
 
   Tokenized with `vocabulary` (default bytes); `mode_token` ('[NLU]', '[NLG]', '[S2S]' or
   None) leads the inputs as its single reserved id, as in training; EOS appended after
   truncating to `task_feature_lengths` ('inputs', and 'targets' when a line has targets).
+  `causal_prompt`: for a decoder-only causal LM, each input is text to continue: its ids
+  go to 'prompt' without EOS, and `predict_batches` attends to them causally.
   """
   vocabulary = vocabulary or byte_vocabulary()
   if mode_token is not None and mode_token not in PARADIGM_TOKENS:
@@ -101,8 +103,11 @@ def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
     example = {}
     for key, value in text.items():
       ids = (leading if key == "inputs" else []) + vocabulary.encode(value)
-      example[key] = _append_eos_after_trim(ids, _length(task_feature_lengths, key, path),
-                                            vocabulary.eos_id)
+      length = _length(task_feature_lengths, key, path)
+      if causal_prompt and key == "inputs":
+        example["prompt"] = np.asarray(ids[:length], np.int32)
+      else:
+        example[key] = _append_eos_after_trim(ids, length, vocabulary.eos_id)
       example[f"{key}_pretokenized"] = value
     examples.append(example)
   return examples
@@ -183,11 +188,12 @@ def _prompt(example: Example, architecture: str, inputs_length: int) -> Batch:
   if architecture == "encoder_decoder":
     return {"encoder_input_tokens": _padded(_inputs(example, architecture), inputs_length,
                                             "inputs")}
-  inputs = example.get("inputs", np.zeros([0], np.int32))
+  inputs = example.get("inputs", example.get("prompt", np.zeros([0], np.int32)))
   tokens = _padded(np.concatenate([[0], inputs]), 1 + inputs_length, "inputs")
   prompt = (np.arange(1 + inputs_length) <= len(inputs)).astype(np.int32)
   # A prefix LM reads its inputs (and the position after them) bidirectionally, as
-  # seqio marks them in training; a causal LM reads nothing bidirectionally.
+  # seqio marks them in training; a causal LM (no inputs, or a 'prompt') reads nothing
+  # bidirectionally.
   causal = prompt if "inputs" in example else np.zeros_like(prompt)
   return {"decoder_input_tokens": tokens, "decoder_segment_ids": prompt,
           "decoder_causal_attention": causal}
@@ -204,7 +210,8 @@ def predict_batches(examples: Sequence[Example], *, architecture: str,
   `decoder_input_tokens` [b, 1 + inputs] = [0, x_0 .. x_{P-1}, 0 ...],
   `decoder_segment_ids` [b, 1 + inputs] = 1 on those P + 1 positions, and
   `decoder_causal_attention` [b, 1 + inputs] = the same 1s (the bidirectional prefix),
-  all 0 for examples without inputs (a causal LM).
+  all 0 for examples without inputs (a causal LM; a 'prompt' of `file_examples` is laid
+  out like inputs but read causally).
   """
   _check_architecture(architecture)
   inputs_length = task_feature_lengths.get("inputs", 0)

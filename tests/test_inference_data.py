@@ -201,3 +201,22 @@ def test_decode_stops_at_eos_and_spells_reserved_ids():
       VOCAB.encode("zz"))
   assert inference.decode(ids) == "[S2S]ab<extra_id_0>"
   assert inference.decode(np.array([VOCAB.eos_id, 40])) == ""
+
+
+def test_causal_prompts_have_no_eos_and_no_bidirectional_prefix(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("ab\n")
+  lengths = {"inputs": 6, "targets": 4}
+  prefix_lm, = inference.file_examples(str(path), task_feature_lengths=lengths)
+  causal, = inference.file_examples(str(path), task_feature_lengths=lengths,
+                                    causal_prompt=True)
+  np.testing.assert_array_equal(prefix_lm["inputs"], [97 + 3, 98 + 3, 1])
+  np.testing.assert_array_equal(causal["prompt"], [97 + 3, 98 + 3])
+  (batch, rows), = inference.predict_batches([causal], architecture="decoder_only",
+                                             task_feature_lengths=lengths, batch_size=1)
+  np.testing.assert_array_equal(batch["decoder_input_tokens"][0], [0, 100, 101, 0, 0, 0, 0])
+  np.testing.assert_array_equal(batch["decoder_segment_ids"][0], [1, 1, 1, 0, 0, 0, 0])
+  assert not batch["decoder_causal_attention"].any() and rows == 1
+  with pytest.raises(ValueError, match="needs examples with 'inputs'"):
+    next(inference.predict_batches([causal], architecture="encoder_decoder",
+                                   task_feature_lengths=lengths, batch_size=1))

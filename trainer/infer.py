@@ -114,12 +114,15 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
           model_config: TransformerConfig = gin.REQUIRED, mode: str = "predict",
           split: str = "validation", batch_size: int = 32, max_decode_len: int | None = None,
           num_examples: int | None = None, mode_token: str | None = None, seed: int = 0,
-          step: int | None = None, overwrite: bool = False, mesh=None) -> str:
+          step: int | None = None, overwrite: bool = False, causal_prompt: bool = False,
+          mesh=None) -> str:
   """Writes `output_dir/<task or file name>-<mode>-<step>.jsonl`, one row per example:
   `inputs`, `prediction` (predict) or `targets` (score), and `score` (the prediction's
   log-probability, or the given targets' log-likelihood). Inputs come from the task's
   `split` or from `input_file` (.jsonl with 'inputs' [and 'targets'], else one input per
-  line) led by `mode_token`. Returns the output path."""
+  line) led by `mode_token`; `causal_prompt` continues each line as plain text with a
+  decoder-only causal LM (no EOS after it, no bidirectional prefix). Returns the output
+  path."""
   if mode not in MODES:
     raise ValueError(f"infer.mode={mode!r} is not one of {MODES}; use --gin.infer.mode.")
   if bool(mixture_or_task_name) == bool(input_file):
@@ -128,8 +131,12 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"infer.max_decode_len={max_decode_len} must be at least 1.")
   if input_file:
+    if causal_prompt and (mode == "score" or model_config.architecture != "decoder_only"):
+      raise ValueError("infer.causal_prompt=True continues text with a decoder_only model in "
+                       f"predict mode, not {model_config.architecture!r} in {mode!r} mode.")
     examples = inference.file_examples(input_file, mode_token=mode_token,
-                                       task_feature_lengths=task_feature_lengths)
+                                       task_feature_lengths=task_feature_lengths,
+                                       causal_prompt=causal_prompt)
     name = os.path.splitext(os.path.basename(input_file))[0]
     if mode == "score" and any("targets" not in e for e in examples):
       raise ValueError(f"infer.mode='score' needs 'targets' on every line of {input_file}.")
