@@ -96,8 +96,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   with its optimizer state too if `init_optimizer_state`. A fresh MoE run with
   `init_from_dense_checkpoint` (a dense run's MODEL_DIR) starts from that
   checkpoint's params, each MLP copied into every expert. Every `infer_eval_every`
-  steps (0: never) the model decodes `infer_eval_examples` examples of the validation
-  split of `infer_eval_task` (default: the training task) and logs the task's metrics.
+  steps (0: never) the model decodes `infer_eval_examples` examples of `eval_split` of
+  `infer_eval_task` (default: the training task) and logs the task's metrics.
 
   Returns the last logged metrics (a dict of floats).
   """
