@@ -1,7 +1,12 @@
-"""The training job: checkpoints, exact resume (state and data position), keep-N."""
+"""The training job: checkpoints, exact resume (state and data position), keep-N,
+non-finite steps, and preemption by SIGTERM."""
 
 import os
+import signal
+import subprocess
+import sys
 
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -67,3 +72,65 @@ def test_finished_job_does_nothing(uninterrupted, capsys):
   model_dir, _ = uninterrupted
   assert run(model_dir, 8) == {}
   assert "already trained to step 8" in capsys.readouterr().out
+
+
+@pytest.fixture
+def huge_learning_rate():
+  with gin.unlock_config():
+    gin.bind_parameter("learning_rate_schedule.learning_rate", 1e10)
+  yield
+  gin.clear_config()
+
+
+def finite(tree) -> bool:
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+
+
+def test_nonfinite_loss_stops_before_saving(tmp_path, huge_learning_rate):
+  with gin.unlock_config():
+    gin.bind_parameter("learning_rate_schedule.learning_rate", 1e-2)
+  run(tmp_path, 4, keep_checkpoints=1, checkpoint_every=2, eval_every=0)
+  with gin.unlock_config():
+    gin.bind_parameter("learning_rate_schedule.learning_rate", 1e10)
+  with pytest.raises(ValueError, match=r"non-finite between steps 5 and 6; stopped without "
+                                       r"saving, so the newest checkpoint \(step 4\)"):
+    run(tmp_path, 8, keep_checkpoints=1, checkpoint_every=2, eval_every=0)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps == [4] and finite(saved(tmp_path, 4)[0]["params"])
+
+
+def test_nonfinite_steps_can_be_skipped(tmp_path, huge_learning_rate):
+  metrics = run(tmp_path, 4, on_nonfinite="skip", eval_every=0, log_every=4)
+  assert metrics["skipped_steps"] >= 1
+  assert finite(saved(tmp_path, 4)[0]["params"])
+
+
+def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+  """The CLI twin of `run` (same model, optimizer, data and mesh) is stopped by SIGTERM
+  after step 2, then resumed to step 8: its parameters equal the uninterrupted run's."""
+  flags = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
+           f"--gin.MODEL_DIR='{tmp_path}'", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", "--gin.BATCH_SIZE=8",
+           "--gin.train.log_every=1", "--gin.train.eval_every=0", "--gin.train.checkpoint_every=3"]
+  flags += [f"--gin.TransformerConfig.{k}={v}" for k, v in dict(
+      emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64, num_encoder_layers=1,
+      num_decoder_layers=1, dropout_rate=0.1).items()]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "ul2x.train", *flags]
+  process = subprocess.Popen(command + ["--gin.TRAIN_STEPS=1000"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+  for line in process.stdout:
+    if line.startswith("step 2/1000"):
+      process.send_signal(signal.SIGTERM)
+      break
+  output = process.stdout.read()
+  assert process.wait(timeout=300) == 0, output
+  stopped = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
+  assert 2 <= stopped < 8 and saved(tmp_path, stopped)[1] == {"train_batches": stopped}
+  rerun = subprocess.run(command + ["--gin.TRAIN_STEPS=8"], capture_output=True, text=True,
+                         env=env, timeout=300)
+  assert rerun.returncode == 0 and f"resumed from {tmp_path}/checkpoints at step {stopped}" \
+      in rerun.stdout, rerun.stderr[-2000:]
+  jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
+               saved(tmp_path, 8)[0]["params"])

@@ -28,9 +28,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int, final: bool = False) -> bool:
+    return final or step % self.every == 0
+
   def maybe_save(self, step: int, state, data_position: dict, *, final: bool = False) -> bool:
     """Saves every `every` steps and at the final step; True if a save started."""
-    if step % self.every and not final:
+    if not self.due(step, final):
       return False
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -17,6 +17,7 @@ from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.evaluate import Evaluator
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.preemption import StopRequest
 from ul2x.trainer.setup import Setup, setup
 from ul2x.trainer.steps import summarize
 
@@ -49,6 +50,19 @@ def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
         f"batch_size={batch_size} must be divisible by {need} (batch shards {shards} x "
         f"num_microbatches {num_microbatches}, and {jax.process_count()} hosts); change "
         "--gin.train.batch_size, --gin.train.num_microbatches or the mesh.")
+
+
+def _check_finite(nonfinite: int, on_nonfinite: str, checked: int, step: int, ckpt):
+  """Stops ('stop') on a non-finite step since the last check, before anything is saved."""
+  if nonfinite and on_nonfinite == "stop":
+    kept = ckpt.latest_step()
+    kept = "none" if kept is None else f"step {kept}"
+    raise ValueError(
+        f"the loss or gradients became non-finite between steps {checked + 1} and {step}; "
+        f"stopped without saving, so the newest checkpoint ({kept}) keeps the last good "
+        "state. Lower the learning rate, clip gradients "
+        "(--gin.create_optimizer.grad_clip_norm=1.0) or set "
+        "--gin.train.on_nonfinite=\"'skip'\".")
 
 
 def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
@@ -85,7 +99,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           init_from_dense_checkpoint: str | None = None, init_checkpoint: str | None = None,
           init_assignment_map=(), init_optimizer_state: bool = False,
           infer_eval_every: int = 0, infer_eval_task: str | None = None,
-          infer_eval_examples: int | None = 64) -> dict:
+          infer_eval_examples: int | None = 64, on_nonfinite: str = "stop") -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -99,6 +113,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   steps (0: never) the model decodes `infer_eval_examples` examples of `eval_split` of
   `infer_eval_task` (default: the training task) and logs the task's metrics.
 
+  A non-finite loss or gradient either stops the job (`on_nonfinite='stop'`: an error
+  before the next save, so the newest checkpoint stays the last good state) or skips
+  that step's update (`'skip'`, counted as `skipped_steps`). SIGTERM or SIGINT finish
+  the current step, save a checkpoint there and return.
+
   Returns the last logged metrics (a dict of floats).
   """
   for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
@@ -106,6 +125,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                              ("infer_eval_every", infer_eval_every, 0)):
     if value < least:
       raise ValueError(f"train.{name}={value} must be at least {least}.")
+  if on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not 'stop' or 'skip'.")
   cfg = model_config
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
@@ -136,7 +157,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                  num_microbatches=num_microbatches, z_loss=z_loss, seed=seed, pack=pack,
                  log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                  eval_split=eval_split, moe_aux_loss=moe_aux_loss,
-                 router_z_loss=router_z_loss, infer_eval_every=infer_eval_every,
+                 router_z_loss=router_z_loss, on_nonfinite=on_nonfinite,
+                 infer_eval_every=infer_eval_every,
                  infer_eval=infer_eval_every and Evaluator(
                      job, infer_eval_task or mixture_or_task_name, split=eval_split,
                      task_feature_lengths=task_feature_lengths, batch_size=batch_size,
@@ -148,7 +170,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
 def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_steps,
           mixture_or_task_name, task_feature_lengths, batch_size, num_microbatches, z_loss,
           seed, pack, log_every, eval_every, eval_batches, eval_split, moe_aux_loss,
-          router_z_loss, infer_eval_every, infer_eval) -> dict:
+          router_z_loss, on_nonfinite, infer_eval_every, infer_eval) -> dict:
   cfg = job.cfg
   hosts = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
   local_batch = batch_size // jax.process_count()
@@ -158,7 +180,7 @@ def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_ste
   train_iter = train_ds.skip(data_position["train_batches"]).as_numpy_iterator()
   step_fn = job.train_step(num_microbatches=num_microbatches, z_loss=z_loss,
                            moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
-                           dropout_seed=seed)
+                           dropout_seed=seed, skip_nonfinite=on_nonfinite == "skip")
   eval_fn = job.eval_step(z_loss=z_loss)
   eval_data = []
   if eval_every and eval_batches:
@@ -173,29 +195,42 @@ def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_ste
                       peak_flops_per_device())
   train_writer = MetricsWriter(os.path.join(model_dir, "train"))
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
-  scalars = {}
+  scalars, nonfinite, checked = {}, 0, start
   progress.mark(start)
-  for step in range(start + 1, train_steps + 1):
-    state, metrics = step_fn(state, job.global_batch(next(train_iter)))
-    data_position["train_batches"] += 1
-    if step % log_every == 0 or step == train_steps:
-      metrics = jax.device_get(metrics)
-      scalars = progress.report(step, metrics)
-      train_writer.write(step, {**metrics, **scalars})
-    if eval_data and (step % eval_every == 0 or step == train_steps):
-      sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
-      totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-      eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
-      eval_writer.write(step, eval_scalars)
-      _say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
-           f"acc {eval_scalars['accuracy']:.3f}")
-      progress.mark(step)
-    if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
-      results = infer_eval(state["params"])
-      eval_writer.write(step, results)
-      _say(f"infer eval step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
-      progress.mark(step)
-    ckpt.maybe_save(step, state, data_position, final=step == train_steps)
+  with StopRequest() as stop:
+    for step in range(start + 1, train_steps + 1):
+      state, metrics = step_fn(state, job.global_batch(next(train_iter)))
+      data_position["train_batches"] += 1
+      nonfinite = nonfinite + metrics["nonfinite"]  # on the device: no sync per step
+      stopping = stop.requested()
+      final = step == train_steps or stopping
+      if step % log_every == 0 or final or ckpt.due(step):
+        _check_finite(int(nonfinite), on_nonfinite, checked, step, ckpt)
+        checked = step
+      if step % log_every == 0 or final:
+        metrics = jax.device_get(metrics)
+        scalars = progress.report(step, {**metrics, "skipped_steps": int(nonfinite)})
+        train_writer.write(step, {**metrics, **scalars})
+      if eval_data and (step % eval_every == 0 or step == train_steps):
+        sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
+        totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+        eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
+        eval_writer.write(step, eval_scalars)
+        _say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
+             f"acc {eval_scalars['accuracy']:.3f}")
+        progress.mark(step)
+      if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
+        results = infer_eval(state["params"])
+        eval_writer.write(step, results)
+        _say(f"infer eval step {step}  "
+             + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        progress.mark(step)
+      ckpt.maybe_save(step, state, data_position, final=final)
+      if stopping:
+        ckpt.manager.wait_until_finished()
+        _say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "
+             f"{ckpt.directory}; run the same command again to resume.")
+        return scalars
   ckpt.manager.wait_until_finished()
   _say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
        f"(tensorboard --logdir {os.path.abspath(model_dir)})")

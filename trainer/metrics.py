@@ -96,7 +96,9 @@ class Progress:
             f"acc {scalars['accuracy']:.3f}  lr {scalars['learning_rate']:.2e}  "
             f"gnorm {scalars['grad_norm']:.3f}  tok/s {scalars['tokens_per_second']:,.0f}  "
             f"step {step_time * 1e3:.0f} ms  MFU {100 * scalars['mfu']:.1f}%  "
-            f"ETA {_clock(step_time * (self.total_steps - step))}" + _moe_summary(scalars),
+            f"ETA {_clock(step_time * (self.total_steps - step))}" + _moe_summary(scalars)
+            + (f"  skipped {scalars['skipped_steps']:.0f}" if scalars.get("skipped_steps")
+               else ""),
             flush=True)
     return scalars
 

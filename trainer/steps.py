@@ -36,9 +36,12 @@ def _microbatches(batch, n: int):
 
 def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: int = 1,
                     z_loss: float = 1e-4, moe_aux_loss: float = 1e-2,
-                    router_z_loss: float = 1e-3, dropout_seed: int = 0):
+                    router_z_loss: float = 1e-3, dropout_seed: int = 0,
+                    skip_nonfinite: bool = False):
   """train_step(state, batch) -> (state, metrics). The loss is normalized by the
   number of target tokens in the whole batch, so microbatching changes nothing.
+  metrics['nonfinite'] is 1 when the loss or the gradients are not finite; with
+  `skip_nonfinite` such a step leaves the parameters and optimizer state unchanged.
   MoE models add `moe_aux_loss` x load-balancing loss + `router_z_loss` x router
   z-loss (each a mean over routing groups, summed over layers) to the objective;
   their metrics ('moe/...') are averaged over microbatches."""
@@ -74,11 +77,18 @@ def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: in
         router = jax.tree.map(lambda x: jnp.mean(x, axis=0), router)
       grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
       updates, opt_state = tx.update(grads, state["opt_state"], params)
-      new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                   "opt_state": opt_state}
+      new_params = optax.apply_updates(params, updates)
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+      if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+      new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
       metrics = summarize(sums)
       metrics.update(router)
-      metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
+      metrics.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                     nonfinite=(~finite).astype(jnp.int32))
       return new_state, metrics
 
   return train_step
