@@ -39,21 +39,23 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
 
 def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                           kv_positions, causal=False, q_prefix=None, kv_prefix=None,
-                          bias=None, scale=1.0):
+                          bias=None, scale=1.0, kv_heads_first=False):
   """Reference attention.
 
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim];
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
+  [batch, heads, kv_len, head_dim] with `kv_heads_first` (a decoding cache's layout);
   segment ids / positions / prefix: [batch, len]; bias: [batch, heads, q_len, kv_len].
   Returns [batch, q_len, heads, head_dim] in q's dtype; softmax in float32.
   """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  kv = "bhkd" if kv_heads_first else "bkhd"
+  logits = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits += bias
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal,
                         q_prefix, kv_prefix)
   logits = jnp.where(mask, logits, _MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
 
 
 RING_BLOCK_SIZE = 512  # most tokens per tile of the blockwise computation in a ring step
@@ -185,16 +187,20 @@ class MultiHeadAttention(nnx.Module):
                q_prefix=None, kv_prefix=None, bias=None, kv=None):
     """x_q: [batch, q_len, embed], x_kv: [batch, kv_len, embed] -> [batch, q_len, embed].
 
-    kv: (keys, values) from a decoding cache instead of projecting `x_kv` (None then);
-    cached keys and values are attended with the reference implementation, whatever
-    `cfg.attention` names (decoding attends one new token per row to the cache).
+    kv: (keys, values) [batch, heads, kv_len, head_dim] from a decoding cache instead
+    of projecting `x_kv` (None then); cached keys and values are attended with the
+    reference implementation, whatever `cfg.attention` names (decoding attends one new
+    token per row to the cache).
     """
     names = ("batch", "length", "heads", "kv")
     q = constrain(self.query(x_q), names)
     if self.rope is not None:
       q = apply_rope(q, q_positions, self.rope)
-    k, v = self.project_kv(x_kv, kv_positions) if kv is None else kv
-    attention_fn = self.attention_fn if kv is None else dot_product_attention
+    if kv is None:
+      k, v = self.project_kv(x_kv, kv_positions)
+      attention_fn = self.attention_fn
+    else:
+      (k, v), attention_fn = kv, partial(dot_product_attention, kv_heads_first=True)
     out = attention_fn(
         q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,

@@ -3,9 +3,12 @@ masking context of a chunk of new tokens attending to everything cached so far.
 
 A cache is a dict: `index` int32 [batch] (the position the next token is written at),
 `segment_ids` and `prefix` int32 [batch, length] (1 on written tokens / on the
-bidirectional prefix of a prefix LM), and `layers`, the decoder stack's per-layer keys
-and values [batch, length, heads, head_dim] (with a leading layer axis when scanned),
-plus the encoder's output keys and values for cross-attention, computed once.
+bidirectional prefix of a prefix LM), and `layers`, a list of the decoder layers' keys
+and values [batch, heads, length, head_dim] (one entry per layer, scanned stacks too),
+plus the encoder's output keys and values for cross-attention, computed once. Keys and
+values are stored heads-first, as attention reads them: in the [batch, length, heads,
+head_dim] layout of training, XLA copies every layer's cache into that order at every
+step (about half of a decode step on CPU, bench/decode.py found).
 """
 
 import jax
@@ -14,19 +17,25 @@ from jax import lax
 
 from ul2x.partitioning import constrain
 
-KV_AXES = ("batch", None, "heads", "kv")
+KV_AXES = ("batch", "heads", None, "kv")
 
 
-def write(cached, new, offset):
-  """cached: [batch, length, ...], new: [batch, chunk, ...], offset: int32 [batch] ->
-  cached with row b's chunk written at positions offset[b] .. offset[b] + chunk - 1."""
-  return jax.vmap(lambda c, n, i: lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
+def write(cached, new, offset, axis: int = 0):
+  """cached: [batch, ..., length (dim 1 + axis), ...], new: the same with `chunk`
+  positions, offset: int32 [batch] -> cached with row b's chunk written at positions
+  offset[b] .. offset[b] + chunk - 1."""
+  return jax.vmap(lambda c, n, i: lax.dynamic_update_slice_in_dim(c, n, i, axis=axis))(
       cached, new.astype(cached.dtype), offset)
 
 
+def heads_first(x):
+  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 def empty_kv(batch: int, length: int, cfg) -> dict:
-  """Zero keys and values {'k', 'v'} [batch, length, heads, head_dim] for one layer."""
-  shape = (batch, length, cfg.num_heads, cfg.head_dim)
+  """Zero keys and values {'k', 'v'} [batch, heads, length, head_dim] for one layer."""
+  shape = (batch, cfg.num_heads, length, cfg.head_dim)
   zeros = constrain(jnp.zeros(shape, cfg.activation_dtype), KV_AXES)
   return {"k": zeros, "v": zeros}
 
@@ -57,9 +66,3 @@ def chunk_context(cache: dict, chunk: int, segment_ids=None, prefix=None):
              kv_segment_ids=cache["segment_ids"], kv_prefix=cache["prefix"],
              kv_positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
   return ctx, cache
-
-
-def batch_axes(cache: dict, scanned: bool) -> dict:
-  """The batch axis of each of the cache's entries (a pytree prefix of it): 1 for the
-  layers' keys and values when the stack is scanned (layer axis first), else 0."""
-  return {k: 1 if k == "layers" and scanned else 0 for k in cache}

@@ -67,8 +67,9 @@ class TransformerLayer(nnx.Module):
     else:
       k, v = self.self_attention.project_kv(h, ctx["positions"])
       offset = ctx["positions"][:, 0]
-      cache = dict(cache, self={"k": kv_cache.write(cache["self"]["k"], k, offset),
-                                "v": kv_cache.write(cache["self"]["v"], v, offset)})
+      cache = dict(cache, self={
+          "k": kv_cache.write(cache["self"]["k"], kv_cache.heads_first(k), offset, axis=1),
+          "v": kv_cache.write(cache["self"]["v"], kv_cache.heads_first(v), offset, axis=1)})
       h = self.self_attention(h, None, kv_segment_ids=ctx["kv_segment_ids"],
                               kv_positions=ctx["kv_positions"], kv_prefix=ctx["kv_prefix"],
                               kv=(cache["self"]["k"], cache["self"]["v"]), **queries)
@@ -90,7 +91,7 @@ class TransformerLayer(nnx.Module):
     cache = {"self": kv_cache.empty_kv(batch, length, self.cfg)}
     if self.cross:
       k, v = self.cross_attention.project_kv(encoded, encoded_positions)
-      cache["cross"] = {"k": k, "v": v}
+      cache["cross"] = {"k": kv_cache.heads_first(k), "v": kv_cache.heads_first(v)}
     return cache
 
 
@@ -139,41 +140,50 @@ class LayerStack(nnx.Module):
       self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
 
   def __call__(self, x, ctx: dict, key=None, cache=None):
-    """-> x, or (x, cache) with a decoding `cache` (a list of the layers' caches, or
-    theirs stacked on a leading layer axis when scanned)."""
+    """-> x, or (x, cache) with a decoding `cache` (a list of the layers' caches)."""
     keys = None if key is None else jax.random.split(key, self.num_layers)
-    if not self.scan:
-      apply = lambda layer, x, k, c: layer(x, ctx, k, c)
-      if self.remat and cache is None:
-        apply = nnx.remat(apply)
-      caches = [None] * self.num_layers if cache is None else cache
+    if cache is not None:
+      # Decoding runs the layers one by one even when their parameters are stacked: a
+      # scan would copy every layer's weights and cache in and out at every step.
       new = []
-      for i, layer in enumerate(self.layers):
-        x, c = apply(layer, x, None if keys is None else keys[i], caches[i])
+      for layer, c in zip(self._unstacked(), cache):
+        x, c = layer(x, ctx, None, c)
         new.append(c)
-      return x if cache is None else (x, new)
+      return x, new
+    if not self.scan:
+      apply = lambda layer, x, k: layer(x, ctx, k)[0]
+      if self.remat:
+        apply = nnx.remat(apply)
+      for i, layer in enumerate(self.layers):
+        x = apply(layer, x, None if keys is None else keys[i])
+      return x
     graphdef, state = nnx.split(self.layers)
 
     def body(x, xs):
-      layer_state, k, c = xs
+      layer_state, k = xs
       layer = nnx.merge(graphdef, layer_state)
-      x, c = layer(x, ctx, k, c)
+      x, _ = layer(x, ctx, k)
       # What layers sow (MoE router stats) leaves the scan stacked over layers.
-      return x, (nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate)), c)
+      return x, nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))
 
-    if self.remat and cache is None:
+    if self.remat:
       body = jax.checkpoint(body)
-    x, (sown, cache_out) = jax.lax.scan(body, x, (state, keys, cache))
+    x, sown = jax.lax.scan(body, x, (state, keys))
     if sown:
       self.sow(nnx.Intermediate, "scanned", sown)
-    return x if cache is None else (x, cache_out)
+    return x
 
-  def init_cache(self, *args):
-    """Each layer's `init_cache(*args)`: a list, or stacked on a leading layer axis."""
+  def _unstacked(self) -> list:
+    """The layers as separate modules (slices of the stacked parameters when scanned)."""
     if not self.scan:
-      return [layer.init_cache(*args) for layer in self.layers]
+      return list(self.layers)
     graphdef, state = nnx.split(self.layers)
-    return jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(*args))(state)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.num_layers)]
+
+  def init_cache(self, *args) -> list:
+    """Each layer's `init_cache(*args)`."""
+    return [layer.init_cache(*args) for layer in self._unstacked()]
 
 
 def _layer_stack(cfg: TransformerConfig, num_layers: int, *, causal: bool, cross: bool,

@@ -26,7 +26,7 @@ def _cached(graphdef, cfg, params, batch, max_decode_len: int):
     logits, cache = nnx.merge(graphdef, params).decode(tokens[:, None], cache)
     return logits[:, 0], cache
 
-  return tokens_to_logits, cache, first, kv_cache.batch_axes(cache, cfg.scan_layers)
+  return tokens_to_logits, cache, first, 0
 
 
 def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
