@@ -1,0 +1,28 @@
+"""CLI: python -m ul2x.export --gin_file=gin_configs/models/tiny.gin \
+  --gin_file=gin_configs/runs/export.gin --gin.CHECKPOINT_PATH="'runs/quickstart'" \
+  --gin.EXPORT_DIR="'/tmp/quickstart-hf'"
+
+(The entry point lives here, not in a root export.py: the `export/` package would
+shadow a module of that name.)"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from ul2x import gin_setup  # noqa: E402
+
+REQUIRED = ("CHECKPOINT_PATH", "EXPORT_DIR")
+
+
+def main(argv: list[str]) -> None:
+  args = gin_setup.parse_flags(argv, "Export a ul2x checkpoint to Hugging Face or safetensors.")
+  from ul2x import partitioning
+  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
+                                      args.process_index)
+  from ul2x.export import job
+  gin_setup.load_config(args, REQUIRED)
+  job.export()
+
+
+if __name__ == "__main__":
+  gin_setup.run_cli(main)
