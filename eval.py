@@ -12,17 +12,9 @@ REQUIRED = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME",
 
 
 def main(argv: list[str]) -> None:
-  args = gin_setup.parse_flags(argv, "Evaluate ul2x checkpoints with seqio metrics.")
-  from ul2x import partitioning
-  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
-  import seqio
-
-  import ul2x.tasks  # noqa: F401  registers the default tasks
+  gin_setup.start_job(argv, "Evaluate ul2x checkpoints with seqio metrics.", REQUIRED,
+                      "ul2x.trainer.evaluate")
   from ul2x.trainer import evaluate
-  if args.tfds_data_dir:
-    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
-  gin_setup.load_config(args, REQUIRED)
   evaluate.evaluate()
 
 

@@ -1,6 +1,7 @@
 """T5X-style gin flags shared by the CLI entry points (train, eval, infer, export)."""
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -94,6 +95,27 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
     gin.finalize()
   except (ValueError, KeyError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
+
+
+def start_job(argv: list[str], description: str, required_macros: tuple[str, ...],
+              configurables: str, *, tasks: bool = True) -> argparse.Namespace:
+  """What every CLI job does before its work: parse the flags, start multi-host JAX,
+  register the default seqio tasks (with the TFDS directory) when the job reads data,
+  import the module `configurables` that defines the job's gin configurables, and load
+  the gin config."""
+  args = parse_flags(argv, description)
+  from ul2x import partitioning
+  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
+                                      args.process_index)
+  if tasks:
+    import seqio
+
+    import ul2x.tasks  # noqa: F401  registers the default tasks
+    if args.tfds_data_dir:
+      seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+  importlib.import_module(configurables)
+  load_config(args, required_macros)
+  return args
 
 
 def run_cli(main, argv=None) -> None:

@@ -11,17 +11,9 @@ REQUIRED = ("CHECKPOINT_PATH", "INFER_OUTPUT_DIR", "TASK_FEATURE_LENGTHS")
 
 
 def main(argv: list[str]) -> None:
-  args = gin_setup.parse_flags(argv, "Decode or score with a ul2x checkpoint.")
-  from ul2x import partitioning
-  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
-  import seqio
-
-  import ul2x.tasks  # noqa: F401  registers the default tasks
+  gin_setup.start_job(argv, "Decode or score with a ul2x checkpoint.", REQUIRED,
+                      "ul2x.trainer.infer")
   from ul2x.trainer import infer
-  if args.tfds_data_dir:
-    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
-  gin_setup.load_config(args, REQUIRED)
   infer.infer()
 
 

@@ -10,19 +10,11 @@ REQUIRED = ("MODEL_DIR", "TRAIN_STEPS", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LE
 
 
 def main(argv: list[str]) -> None:
-  args = gin_setup.parse_flags(argv, "Train a ul2x model.")
-  from ul2x import partitioning
-  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
+  gin_setup.start_job(argv, "Train a ul2x model.", REQUIRED, "ul2x.trainer.loop")
   import gin
   import jax
-  import seqio
 
-  import ul2x.tasks  # noqa: F401  registers the default tasks
   from ul2x.trainer import loop
-  if args.tfds_data_dir:
-    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
-  gin_setup.load_config(args, REQUIRED)
   model_dir = gin.query_parameter("%MODEL_DIR")
   if jax.process_index() == 0:
     os.makedirs(model_dir, exist_ok=True)

@@ -15,12 +15,9 @@ REQUIRED = ("CHECKPOINT_PATH", "EXPORT_DIR")
 
 
 def main(argv: list[str]) -> None:
-  args = gin_setup.parse_flags(argv, "Export a ul2x checkpoint to Hugging Face or safetensors.")
-  from ul2x import partitioning
-  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
+  gin_setup.start_job(argv, "Export a ul2x checkpoint to Hugging Face or safetensors.",
+                      REQUIRED, "ul2x.export.job", tasks=False)
   from ul2x.export import job
-  gin_setup.load_config(args, REQUIRED)
   job.export()
 
 
