@@ -17,8 +17,8 @@ from ul2x.model import decoding
 METHODS = ("greedy", "sample", "beam")
 
 
-def _cached(graphdef, cfg, params, batch, max_decode_len: int):
-  """-> (tokens_to_logits, cache, first tokens, cache batch axes) with the model's cache."""
+def _cached(graphdef, params, batch, max_decode_len: int):
+  """-> (tokens_to_logits, cache, first tokens) with the model's cache."""
   cache, first = nnx.merge(graphdef, params).init_decoding(batch, max_decode_len)
 
   def tokens_to_logits(tokens, cache):
@@ -26,7 +26,7 @@ def _cached(graphdef, cfg, params, batch, max_decode_len: int):
     logits, cache = nnx.merge(graphdef, params).decode(tokens[:, None], cache)
     return logits[:, 0], cache
 
-  return tokens_to_logits, cache, first, 0
+  return tokens_to_logits, cache, first
 
 
 def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
@@ -57,7 +57,7 @@ def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
     return logits, dict(state, tokens=seq, index=state["index"] + 1)
 
   state = {"tokens": tokens, "index": index, "fixed": fixed}
-  return tokens_to_logits, state, first, 0
+  return tokens_to_logits, state, first
 
 
 @gin.configurable
@@ -77,12 +77,14 @@ def make_predict_fn(job, *, max_decode_len: int, eos_id: int = 1, method: str = 
 
   def predict(params, batch, key):
     with partitioning.axis_rules(job.mesh, job.rules):
-      setup_fn = _cached if cached else _uncached
-      fn, cache, first, axes = setup_fn(job.graphdef, job.cfg, params, batch, max_decode_len)
+      if cached:
+        fn, cache, first = _cached(job.graphdef, params, batch, max_decode_len)
+      else:
+        fn, cache, first = _uncached(job.graphdef, job.cfg, params, batch, max_decode_len)
       common = dict(max_decode_len=max_decode_len, eos_id=eos_id)
       if method == "beam":
         tokens, scores = decoding.beam_search(fn, cache, first, beam_size=beam_size,
-                                              alpha=alpha, cache_axes=axes, **common)
+                                              alpha=alpha, **common)
         return tokens[:, 0], scores[:, 0]
       if method == "greedy":
         return decoding.greedy_decode(fn, cache, first, **common)
