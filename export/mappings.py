@@ -206,8 +206,11 @@ FAMILIES = {"t5": T5, "llama": LLAMA}
 def family_for(cfg: TransformerConfig) -> Family:
   """The HF family a ul2x model exports to; raises naming why there is none."""
   if cfg.num_experts:
-    raise ValueError(f"MoE export to SwitchTransformers is not built yet (num_experts="
-                     f"{cfg.num_experts}); export with format='safetensors'.")
+    raise ValueError(
+        f"a MoE model (num_experts={cfg.num_experts}) has no transformers equivalent: "
+        "SwitchTransformers' experts and dense layers are ungated ReLU MLPs (wi, wo) where "
+        "ul2x's are gated (wi_0, wi_1, wo), and it routes top-1 with one capacity over the "
+        "whole batch; export with format='safetensors'.")
   if cfg.architecture == "encoder_decoder":
     return T5
   if cfg.position == "rope":

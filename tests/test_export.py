@@ -295,7 +295,7 @@ def test_bad_exports_fail_in_one_line_and_leave_nothing(tmp_path, t5_checkpoint)
   assert "holds no checkpoint" in _error(
       export, **{**run, "checkpoint_path": str(tmp_path)}, export_dir=str(tmp_path / "a"))
   moe = dataclasses.replace(T5, num_experts=2, num_encoder_layers=2)
-  assert "MoE export to SwitchTransformers is not built yet" in _error(
+  assert "SwitchTransformers' experts and dense layers are ungated" in _error(
       export, **{**run, "model_config": moe}, export_dir=str(tmp_path / "b"))
   relative_lm = TransformerConfig(architecture="decoder_only", position="relative")
   message = _error(export, **{**run, "model_config": relative_lm}, export_dir=str(tmp_path / "c"))
