@@ -134,3 +134,24 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted,
       in rerun.stdout, rerun.stderr[-2000:]
   jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
                saved(tmp_path, 8)[0]["params"])
+
+
+def _truncate_largest_file(step_dir):
+  files = [os.path.join(root, n) for root, _, names in os.walk(step_dir) for n in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(100)
+  return os.path.relpath(largest, step_dir)
+
+
+def test_damaged_checkpoint_is_named_then_skipped(uninterrupted, tmp_path):
+  run(tmp_path, 6, checkpoint_every=2, keep_checkpoints=3)
+  name = _truncate_largest_file(tmp_path / "checkpoints" / "6")
+  with pytest.raises(ValueError, match=rf"checkpoint {tmp_path}/checkpoints/6 is damaged: "
+                                       rf"file {name} has 100 bytes, not the \d+ saved"):
+    run(tmp_path, 8, fallback_to_intact_checkpoint=False)
+  (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+  run(tmp_path, 8, checkpoint_every=2, keep_checkpoints=3)  # falls back to step 2
+  assert {"4.damaged", "6.damaged", "8"} <= set(os.listdir(tmp_path / "checkpoints"))
+  jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
+               saved(tmp_path, 8)[0]["params"])

@@ -9,6 +9,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from ul2x.trainer import integrity
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint of another model config: not damage, so never a reason to fall back."""
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint whose files are missing, truncated or unreadable."""
+
 
 class Checkpointer:
   """Periodic, final and keep-N (optionally async) saves under `directory`.
@@ -35,17 +45,19 @@ class Checkpointer:
     """Saves every `every` steps and at the final step; True if a save started."""
     if not self.due(step, final):
       return False
+    integrity.write_manifests(self.directory, self.manager.all_steps())
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(dict(data_position))),
         force=True)  # a copy of the position: async saves serialize after the loop moves on
 
-  def restore(self, step: int, abstract_state, shardings):
-    """-> (state placed with `shardings`, data position dict)."""
-    return restore(self.directory, step, abstract_state, shardings)
+  def wait(self):
+    """Waits for async saves, then records the finished checkpoints' files."""
+    self.manager.wait_until_finished()
+    integrity.write_manifests(self.directory, self.manager.all_steps())
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -98,12 +110,12 @@ def check_compatible(directory: str, step: int, abstract) -> None:
   stored = stored_param_shapes(directory, step)
   for name, leaf in flat_names(abstract["params"]).items():
     if name not in stored:
-      raise ValueError(
+      raise IncompatibleCheckpointError(
           f"checkpoint {directory}/{step} has no {name!r} (shape {tuple(leaf.shape)}): it was "
           "saved by another architecture or model config; use the gin model file it was "
           "trained with (its MODEL_DIR/config.gin), or an assignment map when fine-tuning.")
     if stored[name] != tuple(leaf.shape):
-      raise ValueError(
+      raise IncompatibleCheckpointError(
           f"checkpoint {directory}/{step} stores {name!r} with shape {stored[name]}, but the "
           f"model expects {tuple(leaf.shape)}: the checkpoint comes from another model "
           "config (size or vocabulary); use the gin model file it was trained with "
@@ -113,8 +125,24 @@ def check_compatible(directory: str, step: int, abstract) -> None:
 def restore(directory: str, step: int, abstract, shardings):
   """-> (the subset of the saved state that `abstract` describes (a pytree of
   ShapeDtypeStructs like the state, e.g. {'step', 'params'}), placed by `shardings`;
-  the saved data position)."""
-  check_compatible(directory, step, abstract)
+  the saved data position). Raises DamagedCheckpointError (one line naming the step and
+  the file) for a damaged checkpoint, IncompatibleCheckpointError for another model's."""
+  where = os.path.join(directory, str(step))
+  problem = integrity.damage(directory, step)
+  if problem:
+    raise DamagedCheckpointError(f"checkpoint {where} is damaged: {problem}.")
+  try:
+    check_compatible(directory, step, abstract)
+    return _read(directory, step, abstract, shardings)
+  except IncompatibleCheckpointError:
+    raise
+  except (OSError, ValueError) as e:  # orbax / tensorstore reading a damaged checkpoint
+    reason = " ".join(str(e).split())[:300]
+    raise DamagedCheckpointError(f"checkpoint {where} cannot be read: {type(e).__name__}: "
+                                 f"{reason}") from None
+
+
+def _read(directory: str, step: int, abstract, shardings):
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
   state = ocp.args.PyTreeRestore(

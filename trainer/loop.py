@@ -65,6 +65,28 @@ def _check_finite(nonfinite: int, on_nonfinite: str, checked: int, step: int, ck
         "--gin.train.on_nonfinite=\"'skip'\".")
 
 
+def _restore_intact(job: Setup, directory: str, steps: list[int], fallback: bool):
+  """-> (state, data position) of the newest checkpoint that reads back whole. With
+  `fallback`, a damaged newer one is renamed `<step>.damaged` (kept for a look, and out
+  of the way of the step's next save)."""
+  for step in reversed(steps):
+    try:
+      restored = checkpoints.restore(directory, step, job.abstract_state(), job.shardings)
+    except checkpoints.DamagedCheckpointError as e:
+      if not fallback:
+        raise ValueError(f"{e} Delete it to resume from an earlier checkpoint, or set "
+                         "--gin.train.fallback_to_intact_checkpoint=True.") from None
+      if jax.process_index() == 0:
+        os.replace(os.path.join(directory, str(step)),
+                   os.path.join(directory, f"{step}.damaged"))
+      _say(f"warning: {e} Moved it to {step}.damaged; trying the checkpoint before it.")
+      continue
+    _say(f"resumed from {directory} at step {step}")
+    return restored
+  raise ValueError(f"no checkpoint in {directory} reads back whole (steps {steps}); "
+                   "restore the files, or train from scratch in another MODEL_DIR.")
+
+
 def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
                    init_optimizer_state: bool, init_from_dense_checkpoint):
   """A fresh run's state: initialised, then fine-tuning's restore or MoE upcycling."""
@@ -99,7 +121,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           init_from_dense_checkpoint: str | None = None, init_checkpoint: str | None = None,
           init_assignment_map=(), init_optimizer_state: bool = False,
           infer_eval_every: int = 0, infer_eval_task: str | None = None,
-          infer_eval_examples: int | None = 64, on_nonfinite: str = "stop") -> dict:
+          infer_eval_examples: int | None = 64, on_nonfinite: str = "stop",
+          fallback_to_intact_checkpoint: bool = True) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -116,7 +139,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   A non-finite loss or gradient either stops the job (`on_nonfinite='stop'`: an error
   before the next save, so the newest checkpoint stays the last good state) or skips
   that step's update (`'skip'`, counted as `skipped_steps`). SIGTERM or SIGINT finish
-  the current step, save a checkpoint there and return.
+  the current step, save a checkpoint there and return. A damaged latest checkpoint
+  stops the job with one line, or with `fallback_to_intact_checkpoint` the job
+  resumes from the newest intact earlier one, saying which it skipped.
 
   Returns the last logged metrics (a dict of floats).
   """
@@ -133,7 +158,10 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
   directory = os.path.join(model_dir, "checkpoints")
   saved = checkpoints.checkpoint_steps(directory)
-  if not saved:  # before the checkpoint manager creates anything in MODEL_DIR
+  if saved:  # before the checkpoint manager lists the steps
+    state, data_position = _restore_intact(job, directory, saved,
+                                           fallback_to_intact_checkpoint)
+  else:  # before the checkpoint manager creates anything in MODEL_DIR
     state = _initial_state(job, init_checkpoint=init_checkpoint,
                            init_assignment_map=init_assignment_map,
                            init_optimizer_state=init_optimizer_state,
@@ -142,10 +170,6 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   try:
-    if saved:
-      latest = saved[-1]
-      state, data_position = ckpt.restore(latest, job.abstract_state(), job.shardings)
-      _say(f"resumed from {ckpt.directory} at step {latest}")
     start = int(state["step"])
     if start >= train_steps:
       _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
@@ -227,11 +251,11 @@ def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_ste
         progress.mark(step)
       ckpt.maybe_save(step, state, data_position, final=final)
       if stopping:
-        ckpt.manager.wait_until_finished()
+        ckpt.wait()
         _say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "
              f"{ckpt.directory}; run the same command again to resume.")
         return scalars
-  ckpt.manager.wait_until_finished()
+  ckpt.wait()
   _say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
        f"(tensorboard --logdir {os.path.abspath(model_dir)})")
   return scalars
