@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ul2x.export import files, hf, mappings
+from ul2x.export import tokenizer as tokenizer_files
 from ul2x.model import TransformerConfig
 from ul2x.trainer.checkpoints import flat_names
 from ul2x.trainer.setup import setup
@@ -30,6 +31,19 @@ def _check(format: str, dtype: str) -> None:
                        f"--gin.export.{name} to one of them.")
 
 
+def _vocabulary(tokenizer: str, cfg: TransformerConfig):
+  """The seqio vocabulary that `export.tokenizer` names, checked against the model."""
+  from ul2x.tasks import vocabularies  # seqio (TensorFlow): only when tokenizer files are due
+  vocab = (vocabularies.byte_vocabulary() if tokenizer == "byte"
+           else vocabularies.sentencepiece_vocabulary(tokenizer))
+  if vocab.vocab_size > cfg.vocab_size:
+    raise ValueError(
+        f"export.tokenizer={tokenizer!r} has {vocab.vocab_size} ids but the model has "
+        f"vocab_size={cfg.vocab_size}; name the vocabulary the model was trained with, or "
+        "--gin.export.tokenizer=None to write no tokenizer files.")
+  return vocab
+
+
 def _cast(tensors: dict, dtype: jnp.dtype) -> dict:
   """{name: () -> array} with each array cast to `dtype` on its device."""
   return {name: functools.partial(lambda get: get().astype(dtype), get)
@@ -40,7 +54,7 @@ def _cast(tensors: dict, dtype: jnp.dtype) -> dict:
 def export(*, checkpoint_path: str, export_dir: str,
            model_config: TransformerConfig = gin.REQUIRED, format: str = "hf",
            dtype: str = "float32", max_shard_size: int | str = "2GB", step: int | None = None,
-           overwrite: bool = False, mesh=None) -> str:
+           overwrite: bool = False, tokenizer: str | None = "byte", mesh=None) -> str:
   """Writes the checkpoint at `checkpoint_path` (a MODEL_DIR, its checkpoints/ or
   checkpoints/N; the latest step unless `step`) to `export_dir`.
 
@@ -49,14 +63,18 @@ def export(*, checkpoint_path: str, export_dir: str,
   (decoder_only with RoPE); 'safetensors': tensors named by ul2x parameter path plus
   config.json = the TransformerConfig and {"format": "ul2x"}. Tensors are `dtype`,
   in files of at most `max_shard_size` ('2GB', '500MiB' or bytes) with the HF index
-  past one file. The directory is staged beside `export_dir` and renamed into place.
-  Returns `export_dir`."""
+  past one file. With 'hf', `tokenizer` ('byte', the path of a SentencePiece model, or
+  None) adds the transformers tokenizer files for that vocabulary. The directory is
+  staged beside `export_dir` and renamed into place. Returns `export_dir`."""
   _check(format, dtype)
   limit = files.parse_size(max_shard_size)
   family = mappings.family_for(model_config) if format == "hf" else None
   hf_config = family.hf_config(model_config) if family else None
+  vocab = _vocabulary(tokenizer, model_config) if family and tokenizer else None
   with files.staged_directory(export_dir, overwrite, "EXPORT_DIR",
                               "--gin.export.overwrite=True") as staging:
+    if vocab is not None:
+      tokenizer_files.write_tokenizer(staging, vocab)
     job = setup(model_config, mesh=mesh)
     state = job.restore_state(checkpoint_path, step)
     at = int(state["step"])

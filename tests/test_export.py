@@ -2,6 +2,7 @@
 transformers and comparing logits; plain safetensors; sharding; bad inputs; the CLI."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -20,13 +21,16 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from ul2x import partitioning  # noqa: E402
 from ul2x.export import files  # noqa: E402
 from ul2x.export.importer import import_hf, model_gin  # noqa: E402
-from ul2x.export.job import export  # noqa: E402
+from ul2x.export.job import export as export_job  # noqa: E402
 from ul2x.model import TransformerConfig  # noqa: E402
 from ul2x.trainer.checkpoints import Checkpointer, restore_mapped_params  # noqa: E402
 from ul2x.trainer.setup import setup  # noqa: E402
 
 # Shapes chosen so that a wrong reshape cannot pass: heads x head_dim != emb, odd vocab,
 # unequal stack depths, non-default buckets / distance / RoPE wavelength.
+# The models below have odd vocabularies, so no tokenizer files (the byte vocabulary's 384
+# ids would not fit); tokenizer export is tested with a 384-id model at the end.
+export = functools.partial(export_job, tokenizer=None)
 T5 = TransformerConfig(vocab_size=101, emb_dim=48, num_heads=3, head_dim=8, mlp_dim=64,
                        num_encoder_layers=3, num_decoder_layers=2, relative_buckets=16,
                        relative_max_distance=24)
@@ -337,6 +341,10 @@ def test_cli_exports_and_refuses_in_one_line(tmp_path, t5_checkpoint):
           "--gin_file=gin_configs/runs/export.gin", f"--gin.CHECKPOINT_PATH='{ckpt}'",
           f"--gin.EXPORT_DIR='{tmp_path}/hf'"]
   result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 2 and "has 384 ids but the model has vocab_size=101" in \
+      result.stderr and not (tmp_path / "hf").exists(), result.stderr[-2000:]
+  result = subprocess.run(args + ["--gin.export.tokenizer=None"], capture_output=True,
+                          text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"exported step 7 of {ckpt} to {tmp_path}/hf: hf (t5)" in result.stdout
   assert sorted(os.listdir(tmp_path / "hf")) == [
@@ -349,3 +357,13 @@ def test_cli_exports_and_refuses_in_one_line(tmp_path, t5_checkpoint):
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert result.stderr.startswith("error: T5 feed_forward_proj='relu'")
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hf_export_writes_the_byte_tokenizer(tmp_path):
+  from transformers import AutoTokenizer
+  cfg = dataclasses.replace(T5, vocab_size=384)
+  params = setup(cfg, mesh=MESH).init_state()["params"]
+  path = export_job(checkpoint_path=_save(tmp_path / "model", params),
+                    export_dir=str(tmp_path / "hf"), model_config=cfg)
+  ids = AutoTokenizer.from_pretrained(path)("[S2S] ab<extra_id_0>").input_ids
+  assert ids == [261, 32 + 3, 97 + 3, 98 + 3, 383, 1]
