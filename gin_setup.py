@@ -80,7 +80,7 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
   except ImportError as e:
     raise ConfigError(f"gin: a gin file's import failed ({e}); run from the directory that "
                       "holds the module or add it to PYTHONPATH.") from e
-  except (ValueError, KeyError, IOError) as e:
+  except (ValueError, KeyError, IOError, SyntaxError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
   for name in required_macros + DECLARED_REQUIRED:
     try:

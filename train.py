@@ -11,16 +11,8 @@ REQUIRED = ("MODEL_DIR", "TRAIN_STEPS", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LE
 
 def main(argv: list[str]) -> None:
   gin_setup.start_job(argv, "Train a ul2x model.", REQUIRED, "ul2x.trainer.loop")
-  import gin
-  import jax
-
   from ul2x.trainer import loop
-  model_dir = gin.query_parameter("%MODEL_DIR")
-  if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
-  loop.train()
+  loop.train()  # writes MODEL_DIR/config.gin once the config and the data check out
 
 
 if __name__ == "__main__":

@@ -40,13 +40,23 @@ def _error_line(result):
 
 
 @pytest.mark.parametrize("args, expected", [
-    ([a for a in BASE if "TRAIN_STEPS" not in a] + ["--gin.MODEL_DIR='/tmp/x'"],
+    ([a for a in BASE if "TRAIN_STEPS" not in a],
      "required macro TRAIN_STEPS is not set; pass --gin.TRAIN_STEPS=VALUE"),
-    (BASE + ["--gin.MODEL_DIR='/tmp/x'", "--gin.train.no_such_setting=1"],
-     "no_such_setting"),
-    (BASE + ["--gin.MODEL_DIR='/tmp/x'", "--gin.create_mesh.data=3"],
-     "has 3 devices but there are 8"),
-    (BASE + ["--gin.MODEL_DIR='/tmp/x'", "--no_such_flag=1"], "unknown flag"),
-], ids=["missing_macro", "unknown_binding", "mesh_mismatch", "unknown_flag"])
-def test_config_errors_are_one_line(args, expected):
-  assert expected in _error_line(train_cli(*args))
+    (BASE + ["--gin.train.no_such_setting=1"], "no_such_setting"),
+    (BASE + ["--gin.create_mesh.data=3"], "has 3 devices but there are 8"),
+    (BASE + ["--no_such_flag=1"], "unknown flag"),
+    (BASE + ["--gin.TRAIN_STEPS='abc'"], "train.train_steps='abc' is not an integer"),
+    (BASE + ["--gin.TRAIN_STEPS=abc"], "Failed to parse token 'abc'"),
+    (BASE + ["--gin.MIXTURE_OR_TASK_NAME='nope'"], "unknown seqio task or mixture 'nope'"),
+], ids=["missing_macro", "unknown_binding", "mesh_mismatch", "unknown_flag", "steps_string",
+        "steps_syntax", "unknown_task"])
+def test_config_errors_are_one_line(args, expected, tmp_path):
+  model_dir = tmp_path / "run"
+  assert expected in _error_line(train_cli(*args, f"--gin.MODEL_DIR='{model_dir}'"))
+  assert not model_dir.exists()  # nothing is written before the config and data check out
+
+
+def test_unwritable_model_dir_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  line = _error_line(train_cli(*BASE, f"--gin.MODEL_DIR='{tmp_path}/file/run'"))
+  assert "cannot write MODEL_DIR" in line and "Not a directory" in line

@@ -147,7 +147,11 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   """
   for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
                              ("eval_every", eval_every, 0), ("train_steps", train_steps, 1),
-                             ("infer_eval_every", infer_eval_every, 0)):
+                             ("infer_eval_every", infer_eval_every, 0),
+                             ("batch_size", batch_size, 1)):
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise ValueError(f"train.{name}={value!r} is not an integer; pass a number, e.g. "
+                       f"--gin.{name.upper() if name == 'train_steps' else 'train.' + name}=100.")
     if value < least:
       raise ValueError(f"train.{name}={value} must be at least {least}.")
   if on_nonfinite not in ("stop", "skip"):
@@ -156,6 +160,14 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
+  # Data and evaluation are checked before anything is written into MODEL_DIR.
+  data = _datasets(job, mixture_or_task_name, task_feature_lengths, batch_size=batch_size,
+                   seed=seed, pack=pack, eval_split=eval_split,
+                   eval_batches=eval_batches if eval_every else 0)
+  infer_eval = infer_eval_every and Evaluator(
+      job, infer_eval_task or mixture_or_task_name, split=eval_split,
+      task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+      max_decode_len=None, num_examples=infer_eval_examples)
   directory = os.path.join(model_dir, "checkpoints")
   saved = checkpoints.checkpoint_steps(directory)
   if saved:  # before the checkpoint manager lists the steps
@@ -167,6 +179,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                            init_optimizer_state=init_optimizer_state,
                            init_from_dense_checkpoint=init_from_dense_checkpoint)
     data_position = {"train_batches": 0}
+  _write_config(model_dir)
   ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   try:
@@ -175,43 +188,56 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
       _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
            "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
       return {}
-    return _loop(job, state, data_position, ckpt, model_dir=model_dir, start=start,
-                 train_steps=train_steps, mixture_or_task_name=mixture_or_task_name,
-                 task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-                 num_microbatches=num_microbatches, z_loss=z_loss, seed=seed, pack=pack,
-                 log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
-                 eval_split=eval_split, moe_aux_loss=moe_aux_loss,
-                 router_z_loss=router_z_loss, on_nonfinite=on_nonfinite,
-                 infer_eval_every=infer_eval_every,
-                 infer_eval=infer_eval_every and Evaluator(
-                     job, infer_eval_task or mixture_or_task_name, split=eval_split,
-                     task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-                     max_decode_len=None, num_examples=infer_eval_examples))
+    return _loop(job, state, data_position, ckpt, data, model_dir=model_dir, start=start,
+                 train_steps=train_steps, task_feature_lengths=task_feature_lengths,
+                 batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
+                 seed=seed, log_every=log_every, eval_every=eval_every,
+                 moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
+                 on_nonfinite=on_nonfinite, infer_eval_every=infer_eval_every,
+                 infer_eval=infer_eval)
   finally:
     ckpt.close()
 
 
-def _loop(job: Setup, state, data_position, ckpt, *, model_dir, start, train_steps,
-          mixture_or_task_name, task_feature_lengths, batch_size, num_microbatches, z_loss,
-          seed, pack, log_every, eval_every, eval_batches, eval_split, moe_aux_loss,
-          router_z_loss, on_nonfinite, infer_eval_every, infer_eval) -> dict:
-  cfg = job.cfg
-  hosts = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+def _datasets(job: Setup, name: str, task_feature_lengths: dict, *, batch_size: int,
+              seed: int, pack: bool, eval_split: str, eval_batches: int):
+  """-> (this host's train batches, its eval batches or None); raises for an unknown
+  task or split, or one that yields no example."""
+  kwargs = dict(architecture=job.cfg.architecture, pack=pack, seed=seed,
+                shard_index=jax.process_index(), num_shards=jax.process_count())
   local_batch = batch_size // jax.process_count()
-  train_ds = pipeline.get_dataset(
-      mixture_or_task_name, task_feature_lengths, "train", local_batch,
-      architecture=cfg.architecture, pack=pack, seed=seed, **hosts)
+  train_ds = pipeline.get_dataset(name, task_feature_lengths, "train", local_batch, **kwargs)
+  eval_ds = eval_batches and pipeline.get_dataset(
+      name, task_feature_lengths, eval_split, local_batch, **kwargs).take(eval_batches)
+  return train_ds, eval_ds or None
+
+
+def _write_config(model_dir: str) -> None:
+  """MODEL_DIR/config.gin: the full gin config of the run (process 0)."""
+  if jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
+  except OSError as e:
+    raise ValueError(f"cannot write MODEL_DIR {model_dir!r} ({e.strerror}); choose a "
+                     "writable directory with --gin.MODEL_DIR.") from None
+
+
+def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, train_steps,
+          task_feature_lengths, batch_size, num_microbatches, z_loss, seed, log_every,
+          eval_every, moe_aux_loss, router_z_loss, on_nonfinite, infer_eval_every,
+          infer_eval) -> dict:
+  cfg = job.cfg
+  train_ds, eval_ds = data
   train_iter = train_ds.skip(data_position["train_batches"]).as_numpy_iterator()
   step_fn = job.train_step(num_microbatches=num_microbatches, z_loss=z_loss,
                            moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
                            dropout_seed=seed, skip_nonfinite=on_nonfinite == "skip")
   eval_fn = job.eval_step(z_loss=z_loss)
-  eval_data = []
-  if eval_every and eval_batches:
-    eval_ds = pipeline.get_dataset(
-        mixture_or_task_name, task_feature_lengths, eval_split, local_batch,
-        architecture=cfg.architecture, pack=pack, seed=seed, **hosts)
-    eval_data = [job.global_batch(b) for b in eval_ds.take(eval_batches).as_numpy_iterator()]
+  eval_data = [] if eval_ds is None else [job.global_batch(b)
+                                          for b in eval_ds.as_numpy_iterator()]
 
   lengths = pipeline.feature_lengths_for(cfg.architecture, task_feature_lengths)
   progress = Progress(train_steps, batch_size * tokens_per_example(cfg, lengths),
