@@ -15,7 +15,7 @@ from ul2x.model import TransformerConfig
 from ul2x.trainer.checkpoints import flat_names
 from ul2x.trainer.setup import setup
 
-FORMATS = ("hf", "safetensors")
+FORMATS = ("hf", "safetensors", "serving")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -54,7 +54,8 @@ def _cast(tensors: dict, dtype: jnp.dtype) -> dict:
 def export(*, checkpoint_path: str, export_dir: str,
            model_config: TransformerConfig = gin.REQUIRED, format: str = "hf",
            dtype: str = "float32", max_shard_size: int | str = "2GB", step: int | None = None,
-           overwrite: bool = False, tokenizer: str | None = "byte", mesh=None) -> str:
+           overwrite: bool = False, tokenizer: str | None = "byte",
+           serving_options: dict | None = None, mesh=None) -> str:
   """Writes the checkpoint at `checkpoint_path` (a MODEL_DIR, its checkpoints/ or
   checkpoints/N; the latest step unless `step`) to `export_dir`.
 
@@ -65,11 +66,20 @@ def export(*, checkpoint_path: str, export_dir: str,
   in files of at most `max_shard_size` ('2GB', '500MiB' or bytes) with the HF index
   past one file. With 'hf', `tokenizer` ('byte', the path of a SentencePiece model, or
   None) adds the transformers tokenizer files for that vocabulary. The directory is
-  staged beside `export_dir` and renamed into place. Returns `export_dir`."""
+  staged beside `export_dir` and renamed into place. 'serving': the `jax.export`
+  functions and the TF SavedModel of docs/serving.md, with `serving_options` (at least
+  `inputs_len` and `max_decode_len`) passed to `serving.export_serving`. Returns
+  `export_dir`."""
   _check(format, dtype)
+  if format == "serving":
+    missing = {"inputs_len", "max_decode_len"} - set(serving_options or {})
+    if missing or dtype != "float32":
+      raise ValueError(
+          f"export.format='serving' needs export.serving_options with {sorted(missing)} "
+          f"(e.g. {{'inputs_len': 128, 'max_decode_len': 64}}) and dtype 'float32' (got "
+          f"{dtype!r}): the serving functions decode with the float32 parameters.")
   limit = files.parse_size(max_shard_size)
   family = mappings.family_for(model_config) if format == "hf" else None
-  hf_config = family.hf_config(model_config) if family else None
   vocab = _vocabulary(tokenizer, model_config) if family and tokenizer else None
   with files.staged_directory(export_dir, overwrite, "EXPORT_DIR",
                               "--gin.export.overwrite=True") as staging:
@@ -77,25 +87,35 @@ def export(*, checkpoint_path: str, export_dir: str,
       tokenizer_files.write_tokenizer(staging, vocab)
     job = setup(model_config, mesh=mesh)
     state = job.restore_state(checkpoint_path, step)
-    at = int(state["step"])
-    if family:
-      leaves = hf.layer_leaves(state["params"], model_config.scan_layers)
-      tensors = hf.to_hf(leaves, family.rules(model_config), family.name)
-      configs = {"config.json": {**hf_config, "dtype": dtype},
-                 "generation_config.json": family.generation_config}
-      metadata = {"format": "pt"}  # transformers refuses safetensors without it
+    if format == "serving":
+      from ul2x.export import serving  # jax.export and TensorFlow: only for this format
+      written = serving.export_serving(job, state["params"], staging, **serving_options)
+      what = f"serving ({', '.join(sorted(os.path.basename(p) for p in written))})"
     else:
-      tensors = {name: functools.partial(lambda x: x, leaf)
-                 for name, leaf in flat_names(state["params"]).items()}
-      configs = {"config.json": {**dataclasses.asdict(model_config), "format": "ul2x"}}
-      metadata = {"format": "ul2x"}
-    tensors = _cast(tensors, jnp.dtype(dtype))
-    total = files.write_sharded(staging, tensors, limit, metadata)
-    for name, value in configs.items():
-      files.write_json(os.path.join(staging, name), value)
-  what = f"{format} ({family.name})" if family else format
-  _say(f"exported step {at} of {checkpoint_path} to {export_dir}: {what}, {dtype}, "
-       f"{len(tensors)} tensors, {total / 1e6:.1f} MB")
+      what = _write_tensors(staging, state["params"], model_config, family, dtype, limit)
+  _say(f"exported step {int(state['step'])} of {checkpoint_path} to {export_dir}: {what}")
   if family and family.warning:
     _say(f"warning: {family.warning}")
   return export_dir
+
+
+def _write_tensors(staging: str, params, cfg: TransformerConfig, family, dtype: str,
+                   limit: int) -> str:
+  """The 'hf' (`family`) or plain 'safetensors' files -> a description of them."""
+  if family:
+    leaves = hf.layer_leaves(params, cfg.scan_layers)
+    tensors = hf.to_hf(leaves, family.rules(cfg), family.name)
+    configs = {"config.json": {**family.hf_config(cfg), "dtype": dtype},
+               "generation_config.json": family.generation_config}
+    metadata = {"format": "pt"}  # transformers refuses safetensors without it
+  else:
+    tensors = {name: functools.partial(lambda x: x, leaf)
+               for name, leaf in flat_names(params).items()}
+    configs = {"config.json": {**dataclasses.asdict(cfg), "format": "ul2x"}}
+    metadata = {"format": "ul2x"}
+  tensors = _cast(tensors, jnp.dtype(dtype))
+  total = files.write_sharded(staging, tensors, limit, metadata)
+  for name, value in configs.items():
+    files.write_json(os.path.join(staging, name), value)
+  what = f"hf ({family.name})" if family else "safetensors"
+  return f"{what}, {dtype}, {len(tensors)} tensors, {total / 1e6:.1f} MB"

@@ -167,7 +167,7 @@ def load_serving(directory: str, method: str = "greedy"):
                      "ul2x.export.serving.export_serving.")
   with open(manifest_path) as f:
     manifest = json.load(f)
-  if manifest.get("format") != FORMAT or method not in manifest["functions"]:
+  if manifest.get("format") != FORMAT or method not in manifest.get("functions", {}):
     raise ValueError(f"{manifest_path} has format {manifest.get('format')!r} and methods "
                      f"{sorted(manifest.get('functions', {}))}; expected format {FORMAT!r} "
                      f"and method {method!r}: pass one of its methods.")

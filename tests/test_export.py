@@ -367,3 +367,17 @@ def test_hf_export_writes_the_byte_tokenizer(tmp_path):
                     export_dir=str(tmp_path / "hf"), model_config=cfg)
   ids = AutoTokenizer.from_pretrained(path)("[S2S] ab<extra_id_0>").input_ids
   assert ids == [261, 32 + 3, 97 + 3, 98 + 3, 383, 1]
+
+
+def test_serving_format_goes_through_the_export_job(tmp_path, t5_checkpoint):
+  from ul2x.export.serving import load_serving
+  ckpt, _ = t5_checkpoint
+  assert "needs export.serving_options with ['inputs_len', 'max_decode_len']" in _error(
+      export, checkpoint_path=ckpt, export_dir=str(tmp_path / "none"), model_config=T5,
+      format="serving")
+  path = export(checkpoint_path=ckpt, export_dir=str(tmp_path / "serving"), model_config=T5,
+                format="serving",
+                serving_options={"inputs_len": 9, "max_decode_len": 4, "saved_model": False})
+  assert {"serving.json", "greedy.jax_exported", "params.npz"} <= set(os.listdir(path))
+  ids, scores = load_serving(path)(np.full((2, 9), 5, np.int32))
+  assert ids.shape == (2, 4) and scores.shape == (2,)
