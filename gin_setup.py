@@ -28,6 +28,8 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
   parser.add_argument("--coordinator_address", default=None, help="multi-host: HOST:PORT")
   parser.add_argument("--process_count", type=int, default=1, help="multi-host: host count")
   parser.add_argument("--process_index", type=int, default=0, help="multi-host: this host")
+  parser.add_argument("--distributed_timeout", type=int, default=300,
+                      help="multi-host: seconds to wait for every process to join")
   gin_args = [a for a in argv if a.startswith("--gin.")]
   args, unknown = parser.parse_known_args([a for a in argv if not a.startswith("--gin.")])
   if unknown:
@@ -106,7 +108,7 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
   args = parse_flags(argv, description)
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
+                                      args.process_index, timeout_s=args.distributed_timeout)
   if tasks:
     import seqio
 

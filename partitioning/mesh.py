@@ -1,6 +1,9 @@
 """The device mesh ('data','fsdp','expert','sequence','tensor') and multi-host start-up."""
 
 import math
+import os
+import sys
+import threading
 
 import gin
 import jax
@@ -49,9 +52,25 @@ def create_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, sequence: int = 
                        devices=devices)
 
 
+def _exit_after(seconds: float, message: str) -> threading.Timer:
+  """Prints `error: message` and exits with status 2 after `seconds` unless cancelled.
+  JAX's own timeout aborts the process with a C++ stack trace and no word of which
+  process waited for what; this fires first."""
+  def fire():
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+  timer = threading.Timer(seconds, fire)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
 def initialize_distributed(coordinator_address: str | None, process_count: int,
-                           process_index: int) -> None:
-  """Multi-host start-up (T5X flags); a no-op for a single process."""
+                           process_index: int, timeout_s: int = 300) -> None:
+  """Multi-host start-up (T5X flags); a no-op for a single process. If the processes
+  have not all joined within `timeout_s`, exits with one line naming this process and
+  the coordinator."""
   if process_count <= 1:
     return
   if not coordinator_address:
@@ -60,6 +79,18 @@ def initialize_distributed(coordinator_address: str | None, process_count: int,
   if not 0 <= process_index < process_count:
     raise MeshError(
         f"--process_index={process_index} must be in [0, {process_count}).")
-  jax.distributed.initialize(coordinator_address, process_count, process_index)
+  if timeout_s < 1:
+    raise MeshError(f"--distributed_timeout={timeout_s} must be at least 1 second.")
+  role = "is the coordinator" if process_index == 0 else "connects to the coordinator"
+  timer = _exit_after(timeout_s, (
+      f"process {process_index} of {process_count} ({role} at {coordinator_address}) saw "
+      f"not all {process_count} processes join within {timeout_s} s; start every process "
+      "with the same --coordinator_address and --process_count, check that process 0 runs "
+      "and its address is reachable, or raise --distributed_timeout."))
+  try:
+    jax.distributed.initialize(coordinator_address, process_count, process_index,
+                               initialization_timeout=timeout_s + 60)
+  finally:
+    timer.cancel()
   logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

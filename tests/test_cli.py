@@ -1,8 +1,10 @@
 """The `python -m ul2x.train` command line: an end-to-end run and one-line config errors."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +62,17 @@ def test_unwritable_model_dir_is_one_line(tmp_path):
   (tmp_path / "file").write_text("not a directory")
   line = _error_line(train_cli(*BASE, f"--gin.MODEL_DIR='{tmp_path}/file/run'"))
   assert "cannot write MODEL_DIR" in line and "Not a directory" in line
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["coordinator", "peer"])
+def test_a_process_that_never_joins_is_one_line_within_the_timeout(index):
+  with socket.socket() as s:  # a free local port: nobody else is the coordinator
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  start = time.monotonic()
+  result = train_cli(*BASE, "--gin.MODEL_DIR='/nonexistent'", "--process_count=2",
+                     f"--process_index={index}", f"--coordinator_address=127.0.0.1:{port}",
+                     "--distributed_timeout=3")
+  line = _error_line(result)
+  assert f"process {index} of 2" in line and f"127.0.0.1:{port}" in line, line
+  assert time.monotonic() - start < 60
