@@ -49,7 +49,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path, capsys):
   resumed_metrics = run(tmp_path, 8)
   assert "resumed from" in capsys.readouterr().out
   (a, data_a), (b, data_b) = saved(straight_dir, 8), saved(tmp_path, 8)
-  assert data_a == data_b == {"train_batches": 8}
+  assert data_a == data_b == {"train_batches": 8, "process_count": 1}
   assert int(a["step"]) == int(b["step"]) == 8
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
   jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
@@ -127,7 +127,8 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted,
   output = process.stdout.read()
   assert process.wait(timeout=300) == 0, output
   stopped = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
-  assert 2 <= stopped < 8 and saved(tmp_path, stopped)[1] == {"train_batches": stopped}
+  assert 2 <= stopped < 8 and saved(tmp_path, stopped)[1] == {"train_batches": stopped,
+                                                               "process_count": 1}
   rerun = subprocess.run(command + ["--gin.TRAIN_STEPS=8"], capture_output=True, text=True,
                          env=env, timeout=300)
   assert rerun.returncode == 0 and f"resumed from {tmp_path}/checkpoints at step {stopped}" \

@@ -173,12 +173,17 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   if saved:  # before the checkpoint manager lists the steps
     state, data_position = _restore_intact(job, directory, saved,
                                            fallback_to_intact_checkpoint)
+    writers = data_position.get("process_count", jax.process_count())
+    if writers != jax.process_count():
+      _say(f"warning: the checkpoint was written by {writers} processes and this job has "
+           f"{jax.process_count()}: each reads its own shard of the data, so from here on "
+           "the batches differ from those of an uninterrupted run (docs/reliability.md).")
   else:  # before the checkpoint manager creates anything in MODEL_DIR
     state = _initial_state(job, init_checkpoint=init_checkpoint,
                            init_assignment_map=init_assignment_map,
                            init_optimizer_state=init_optimizer_state,
                            init_from_dense_checkpoint=init_from_dense_checkpoint)
-    data_position = {"train_batches": 0}
+    data_position = {"train_batches": 0, "process_count": jax.process_count()}
   _write_config(model_dir)
   ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
