@@ -1,6 +1,7 @@
 """T5X-style gin flags shared by the CLI entry points (train, eval, infer, export)."""
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -30,6 +31,9 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
   parser.add_argument("--process_index", type=int, default=0, help="multi-host: this host")
   parser.add_argument("--distributed_timeout", type=int, default=300,
                       help="multi-host: seconds to wait for every process to join")
+  parser.add_argument("--verbosity", type=int, default=0, choices=(0, 1),
+                      help="0: ul2x's own lines and the warnings that matter; 1: also "
+                      "TensorFlow's start-up lines and seqio's warnings")
   gin_args = [a for a in argv if a.startswith("--gin.")]
   args, unknown = parser.parse_known_args([a for a in argv if not a.startswith("--gin.")])
   if unknown:
@@ -109,15 +113,47 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index, timeout_s=args.distributed_timeout)
+  if args.verbosity == 0:
+    logging.getLogger("absl").addFilter(_SeqioNoiseFilter())
   if tasks:
-    import seqio
+    with _stderr_silenced(args.verbosity == 0):
+      import seqio
 
-    import ul2x.tasks  # noqa: F401  registers the default tasks
+      import ul2x.tasks  # noqa: F401  registers the default tasks
     if args.tfds_data_dir:
       seqio.set_tfds_data_dir_override(args.tfds_data_dir)
   importlib.import_module(configurables)
   load_config(args, required_macros)
   return args
+
+
+# seqio's advice to cache tasks, once per member task: it does not apply to the
+# embedded corpus, which is shuffled in full before seqio shards it.
+_SEQIO_NOISE = "Using an uncached FunctionDataset"
+
+
+class _SeqioNoiseFilter(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith(_SEQIO_NOISE)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(silence: bool):
+  """Sends file descriptor 2 to /dev/null inside: TensorFlow's C++ start-up lines
+  (oneDNN, CUDA drivers, absl) are written there at import, past Python's logging."""
+  if not silence:
+    yield
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def run_cli(main, argv=None) -> None:

@@ -28,6 +28,8 @@ def test_cli_trains_and_writes_model_dir(tmp_path):
   assert "step 4/4" in result.stdout and "eval step 4" in result.stdout
   assert f"checkpoints: {tmp_path}/checkpoints" in result.stdout
   assert "Path not found" not in result.stderr
+  for noise in ("oneDNN", "cuda drivers", "uncached FunctionDataset"):  # --verbosity=0
+    assert noise not in result.stderr + result.stdout, noise
   config = (tmp_path / "config.gin").read_text()
   assert "train.train_steps = %TRAIN_STEPS" in config and "TRAIN_STEPS = 4" in config
   assert os.listdir(tmp_path / "checkpoints" / "4")
