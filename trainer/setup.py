@@ -45,18 +45,12 @@ class Setup:
     """A freshly initialised state, laid out by `shardings`."""
     return jax.jit(self.init_fn, out_shardings=self.shardings)()
 
-  def restore_state(self, path: str, step: int | None = None, *, params_only: bool = False):
+  def restore_state(self, path: str, step: int | None = None):
     """The state saved at `step` (default: the latest) under `path` (a MODEL_DIR, its
-    checkpoints/ or one step's directory), placed by `shardings`. `params_only`
-    restores {'step', 'params'} and leaves the optimizer state as initialised."""
+    checkpoints/ or one step's directory), placed by `shardings`: all of it, or
+    {'step', 'params'} for a setup without an optimizer."""
     directory, step = checkpoints.find_checkpoint(path, step)
-    abstract = self.abstract_state()
-    wanted = {k: abstract[k] for k in ("step", "params")} if params_only else abstract
-    restored, _ = checkpoints.restore(directory, step, wanted,
-                                      {k: self.shardings[k] for k in wanted})
-    if params_only and "opt_state" in abstract:
-      fresh = self.init_state()
-      restored["opt_state"] = fresh["opt_state"]
+    restored, _ = checkpoints.restore(directory, step, self.abstract_state(), self.shardings)
     return restored
 
   def global_batch(self, local: dict) -> dict:
