@@ -6,22 +6,17 @@ import functools
 import os
 
 import gin
-import jax
 import jax.numpy as jnp
 
 from ul2x.export import files, hf, mappings
 from ul2x.export import tokenizer as tokenizer_files
 from ul2x.model import TransformerConfig
+from ul2x.trainer.console import say
 from ul2x.trainer.checkpoints import flat_names
 from ul2x.trainer.setup import setup
 
 FORMATS = ("hf", "safetensors", "serving")
 DTYPES = ("float32", "bfloat16")
-
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
 
 
 def _check(format: str, dtype: str) -> None:
@@ -93,9 +88,9 @@ def export(*, checkpoint_path: str, export_dir: str,
       what = f"serving ({', '.join(sorted(os.path.basename(p) for p in written))})"
     else:
       what = _write_tensors(staging, state["params"], model_config, family, dtype, limit)
-  _say(f"exported step {int(state['step'])} of {checkpoint_path} to {export_dir}: {what}")
+  say(f"exported step {int(state['step'])} of {checkpoint_path} to {export_dir}: {what}")
   if family and family.warning:
-    _say(f"warning: {family.warning}")
+    say(f"warning: {family.warning}")
   return export_dir
 
 

@@ -11,7 +11,8 @@ import jax
 from ul2x.model import TransformerConfig
 from ul2x.tasks import inference, metrics, pipeline
 from ul2x.trainer import checkpoints
-from ul2x.trainer.infer import _say, run_examples, write_jsonl_atomically
+from ul2x.trainer.console import say
+from ul2x.trainer.infer import run_examples, write_jsonl_atomically
 from ul2x.trainer.setup import Setup, setup
 
 
@@ -91,13 +92,13 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   name = f"{mixture_or_task_name}-{split}"
   todo = [s for s in steps if not os.path.exists(os.path.join(output_dir, f"{name}-{s}.json"))]
   if len(todo) < len(steps):
-    _say(f"skipping steps {sorted(set(steps) - set(todo))}: already evaluated in {output_dir}")
+    say(f"skipping steps {sorted(set(steps) - set(todo))}: already evaluated in {output_dir}")
   writer, rows = MetricsWriter(output_dir), []
   for step in todo:
     params = job.restore_state(directory, step)["params"]
     row = {"step": step, "checkpoint": os.path.join(directory, str(step)), **evaluator(params)}
-    _say(f"eval step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                          if isinstance(v, float)))
+    say(f"eval step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                         if isinstance(v, float)))
     if jax.process_index() == 0:
       write_jsonl_atomically(os.path.join(output_dir, f"{name}-{step}.json"), [row])
       with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:

@@ -10,19 +10,14 @@ import time
 
 import gin
 import jax
-import numpy as np
 
 from ul2x.model import TransformerConfig
 from ul2x.tasks import inference
+from ul2x.trainer.console import say
 from ul2x.trainer.predict import make_predict_fn, make_score_fn
 from ul2x.trainer.setup import Setup, setup
 
 MODES = ("predict", "score")
-
-
-def _say(message: str, end: str = "\n"):
-  if jax.process_index() == 0:
-    print(message, end=end, flush=True)
 
 
 class ProgressBar:
@@ -41,9 +36,9 @@ class ProgressBar:
       return
     self.shown = decile
     start = "\r" if self.tty else ""
-    _say(f"{start}{self.what} {done}/{self.total}  {rate:.1f} ex/s  "
-         f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-         end="" if self.tty and done < self.total else "\n")
+    say(f"{start}{self.what} {done}/{self.total}  {rate:.1f} ex/s  "
+        f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+        end="" if self.tty and done < self.total else "\n")
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,7 +147,7 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
   if os.path.exists(path) and not overwrite:  # before any decoding work
     raise ValueError(f"{path} exists; pass --gin.infer.overwrite=True or another "
                      "INFER_OUTPUT_DIR to replace it.")
-  _say(f"{mode}: {len(examples)} examples of {name} with the checkpoint at step {at}")
+  say(f"{mode}: {len(examples)} examples of {name} with the checkpoint at step {at}")
   results = run_examples(job, state["params"], examples, mode=mode, seed=seed,
                          task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                          max_decode_len=max_decode_len)
@@ -167,5 +162,5 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
     rows.append(row)
   if jax.process_index() == 0:
     write_jsonl_atomically(path, rows, overwrite)
-  _say(f"wrote {len(rows)} rows to {path}")
+  say(f"wrote {len(rows)} rows to {path}")
   return path

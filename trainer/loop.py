@@ -14,17 +14,13 @@ from ul2x.model.moe import upcycle_dense_params
 from ul2x.tasks import pipeline
 from ul2x.trainer import checkpoints
 from ul2x.trainer.checkpoints import Checkpointer
+from ul2x.trainer.console import say
 from ul2x.trainer.evaluate import Evaluator
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.preemption import StopRequest
 from ul2x.trainer.setup import Setup, setup
 from ul2x.trainer.steps import summarize
-
-
-def _say(message: str):
-  if jax.process_index() == 0:
-    print(message, flush=True)
 
 
 def _dense_params(path: str) -> dict:
@@ -36,7 +32,7 @@ def _dense_params(path: str) -> dict:
   manager = ocp.CheckpointManager(directory)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
-  _say(f"upcycling the dense checkpoint {directory} at step {step}")
+  say(f"upcycling the dense checkpoint {directory} at step {step}")
   return jax.device_get(restored["state"]["params"])  # host arrays: placed by the caller's jit
 
 
@@ -79,9 +75,9 @@ def _restore_intact(job: Setup, directory: str, steps: list[int], fallback: bool
       if jax.process_index() == 0:
         os.replace(os.path.join(directory, str(step)),
                    os.path.join(directory, f"{step}.damaged"))
-      _say(f"warning: {e} Moved it to {step}.damaged; trying the checkpoint before it.")
+      say(f"warning: {e} Moved it to {step}.damaged; trying the checkpoint before it.")
       continue
-    _say(f"resumed from {directory} at step {step}")
+    say(f"resumed from {directory} at step {step}")
     return restored
   raise ValueError(f"no checkpoint in {directory} reads back whole (steps {steps}); "
                    "restore the files, or train from scratch in another MODEL_DIR.")
@@ -100,8 +96,8 @@ def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
       state["params"], kept = checkpoints.restore_mapped_params(
           directory, step, state["params"], job.shardings["params"], init_assignment_map)
       if kept:
-        _say(f"fine-tuning: {len(kept)} parameter(s) kept as initialised: {', '.join(kept)}")
-    _say(f"fine-tuning from {directory} at step {step}")
+        say(f"fine-tuning: {len(kept)} parameter(s) kept as initialised: {', '.join(kept)}")
+    say(f"fine-tuning from {directory} at step {step}")
   if init_from_dense_checkpoint:
     upcycle = jax.jit(lambda dense, moe: upcycle_dense_params(dense, moe, job.cfg),
                       out_shardings=job.shardings["params"])
@@ -175,9 +171,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                                            fallback_to_intact_checkpoint)
     writers = data_position.get("process_count", jax.process_count())
     if writers != jax.process_count():
-      _say(f"warning: the checkpoint was written by {writers} processes and this job has "
-           f"{jax.process_count()}: each reads its own shard of the data, so from here on "
-           "the batches differ from those of an uninterrupted run (docs/reliability.md).")
+      say(f"warning: the checkpoint was written by {writers} processes and this job has "
+          f"{jax.process_count()}: each reads its own shard of the data, so from here on "
+          "the batches differ from those of an uninterrupted run (docs/reliability.md).")
   else:  # before the checkpoint manager creates anything in MODEL_DIR
     state = _initial_state(job, init_checkpoint=init_checkpoint,
                            init_assignment_map=init_assignment_map,
@@ -190,8 +186,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   try:
     start = int(state["step"])
     if start >= train_steps:
-      _say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
-           "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
+      say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
+          "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
       return {}
     return _loop(job, state, data_position, ckpt, data, model_dir=model_dir, start=start,
                  train_steps=train_steps, task_feature_lengths=task_feature_lengths,
@@ -271,22 +267,22 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
         totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
         eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
         eval_writer.write(step, eval_scalars)
-        _say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
-             f"acc {eval_scalars['accuracy']:.3f}")
+        say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
+            f"acc {eval_scalars['accuracy']:.3f}")
         progress.mark(step)
       if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
         results = infer_eval(state["params"])
         eval_writer.write(step, results)
-        _say(f"infer eval step {step}  "
-             + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        say(f"infer eval step {step}  "
+            + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
         progress.mark(step)
       ckpt.maybe_save(step, state, data_position, final=final)
       if stopping:
         ckpt.wait()
-        _say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "
-             f"{ckpt.directory}; run the same command again to resume.")
+        say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "
+            f"{ckpt.directory}; run the same command again to resume.")
         return scalars
   ckpt.wait()
-  _say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
-       f"(tensorboard --logdir {os.path.abspath(model_dir)})")
+  say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
+      f"(tensorboard --logdir {os.path.abspath(model_dir)})")
   return scalars

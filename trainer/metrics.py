@@ -1,6 +1,5 @@
 """Training metrics: TensorBoard events, console progress lines, peak FLOPs for MFU."""
 
-import os
 import time
 
 import jax
