@@ -16,8 +16,9 @@ class ConfigError(ValueError):
   """A bad command line or gin configuration; the CLI prints it on one line."""
 
 
-def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
-  """Parses T5X flags; `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`."""
+def parse_flags(argv: list[str], description: str, add_flags=None) -> argparse.Namespace:
+  """Parses T5X flags, and the job's own that `add_flags(parser)` adds; `--gin.NAME=VALUE`
+  becomes the binding `NAME = VALUE`."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file (repeatable), searched in --gin_search_paths")
@@ -34,6 +35,8 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
   parser.add_argument("--verbosity", type=int, default=0, choices=(0, 1),
                       help="0: ul2x's own lines and the warnings that matter; 1: also "
                       "TensorFlow's start-up lines and seqio's warnings")
+  if add_flags is not None:
+    add_flags(parser)
   gin_args = [a for a in argv if a.startswith("--gin.")]
   args, unknown = parser.parse_known_args([a for a in argv if not a.startswith("--gin.")])
   if unknown:
@@ -104,12 +107,13 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
 
 
 def start_job(argv: list[str], description: str, required_macros: tuple[str, ...],
-              configurables: str, *, tasks: bool = True) -> argparse.Namespace:
+              configurables: str, *, tasks: bool = True,
+              add_flags=None) -> argparse.Namespace:
   """What every CLI job does before its work: parse the flags, start multi-host JAX,
   register the default seqio tasks (with the TFDS directory) when the job reads data,
   import the module `configurables` that defines the job's gin configurables, and load
-  the gin config."""
-  args = parse_flags(argv, description)
+  the gin config. `add_flags(parser)` adds the job's own flags."""
+  args = parse_flags(argv, description, add_flags)
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index, timeout_s=args.distributed_timeout)

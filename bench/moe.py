@@ -12,7 +12,14 @@ Reported:
 - compiled memory of each step (XLA's memory analysis);
 - per MoE layer (forward + backward, one device), the share of time outside the
   expert matmuls, for the gather dispatch and its one-hot reference twin, at the
-  config's group size and a larger one (the one-hot tensor grows with its square).
+  config's group size and a larger one (the one-hot tensor grows with its square);
+- one top-2 (decoder) MoE layer, forward + backward on one device, with capacity
+  (gather) and dropless (sorted tokens, `jax.lax.ragged_dot`), and the share of
+  choices the capacity drops.
+
+--dispatch sets the MoE model's `moe_dispatch` for the step timing and the curves;
+'dropless' also switches its encoder to top-2 (expert choice has no dropless form),
+which keeps the activated FLOPs (2 expert MLPs per token).
 
 With --curve_steps N, both models also train N steps on the embedded corpus
 (span corruption, the train job) and the loss curves go into the JSON and, with
@@ -45,7 +52,7 @@ from ul2x.trainer.loop import train
 from ul2x.gin_setup import PACKAGE_DIR
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import training_flops_per_example
-from ul2x.model.moe import MoeMLP, expert_capacity, group_layout
+from ul2x.model.moe import DISPATCHES, MoeMLP, expert_capacity, group_layout
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 
@@ -138,6 +145,33 @@ def layer_dispatch_share(cfg, batch_size: int, dispatch: str, group_size: int,
           "slots_bytes": 4 * slots.size, "one_hot_tensor_bytes": one_hot_bytes}
 
 
+def token_choice_layer(cfg, batch_size: int, repeats: int) -> dict:
+  """Forward + backward of one decoder (top-k) MoE layer on one device, capacity against
+  dropless dispatch, on the same parameters and tokens."""
+  length = LENGTHS["decoder_input_tokens"]
+  x = jax.random.normal(jax.random.key(0), (batch_size, length, cfg.emb_dim))
+
+  def full(moe, x):
+    y = moe(x)
+    sown = nnx.to_pure_dict(nnx.pop(moe, nnx.Intermediate))["router_stats"][0]
+    return jnp.sum(y), sown["dropped_fraction"]
+
+  result = {"router": cfg.decoder_router, "tokens": batch_size * length}
+  for dispatch in ("gather", "dropless"):
+    layer_cfg = dataclasses.replace(cfg, moe_dispatch=dispatch, encoder_router=cfg.decoder_router)
+    moe = MoeMLP(layer_cfg, router=cfg.decoder_router, rngs=nnx.Rngs(0))
+    grad = nnx.jit(nnx.grad(full, argnums=(0, 1), has_aux=True))
+    _, dropped = jax.block_until_ready(grad(moe, x))
+    samples = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(grad(moe, x))
+      samples.append(time.perf_counter() - start)
+    result[dispatch] = {"layer_fwd_bwd_s": statistics.median(samples),
+                        "dropped_fraction": float(dropped)}
+  return result
+
+
 def speed(moe_cfg, dense_cfg, mesh_sizes: dict, batch_size: int, rounds: int,
           steps: int) -> dict:
   runs, memory = {}, {}
@@ -225,22 +259,28 @@ def main():
   parser.add_argument("--layer_repeats", type=int, default=10)
   parser.add_argument("--layer_group_sizes", default="64,512",
                       help="group sizes for the per-layer dispatch measurement")
+  parser.add_argument("--dispatch", default="gather", choices=DISPATCHES,
+                      help="moe_dispatch of the MoE model's train step and curves")
   parser.add_argument("--curve_steps", type=int, default=0, help="0: no loss curves")
   parser.add_argument("--plot", default=None, help="PNG path for the loss curves")
   args = parser.parse_args()
-  moe_cfg, dense_cfg = load_config("ul2_moe_tiny.gin"), load_config("tiny.gin")
+  tiny_moe, dense_cfg = load_config("ul2_moe_tiny.gin"), load_config("tiny.gin")
+  dropless = {"encoder_router": "top2"} if args.dispatch == "dropless" else {}
+  moe_cfg = dataclasses.replace(tiny_moe, moe_dispatch=args.dispatch, **dropless)
   mesh_sizes = {"data": -1, "expert": args.expert}
   result = {
       "bench": "moe", "machine": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(),
       "config": "ul2_moe_tiny.gin vs tiny.gin, enc 128 / dec 64 tokens, Adafactor",
+      "moe_dispatch": moe_cfg.moe_dispatch, "encoder_router": moe_cfg.encoder_router,
       "speed": speed(moe_cfg, dense_cfg, mesh_sizes, args.batch_size, args.rounds,
                      args.steps),
-      "moe_layer": {f"group_{g}_{d}": layer_dispatch_share(moe_cfg, args.batch_size, d, g,
+      "moe_layer": {f"group_{g}_{d}": layer_dispatch_share(tiny_moe, args.batch_size, d, g,
                                                            args.layer_repeats)
                     for g in map(int, args.layer_group_sizes.split(","))
                     for d in ("gather", "one_hot")},
+      "token_choice_layer": token_choice_layer(tiny_moe, args.batch_size, args.layer_repeats),
   }
   if args.curve_steps:
     curves = loss_curves(moe_cfg, dense_cfg, mesh_sizes, args.curve_steps, args.batch_size)

@@ -29,14 +29,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ul2x import partitioning
 from ul2x.kernels import ring_attention as ring
+from ul2x.kernels.attention_inputs import PositionBias
 from ul2x.model import TransformerConfig
 from ul2x.model.attention import RING_BLOCK_SIZE, dot_product_attention, ring_dot_product_attention
-from ul2x.model.position import RelativeBias
+from ul2x.model.position import T5BucketBias
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 
 RULES = partitioning.standard_logical_axis_rules()
-BIAS = RelativeBias(num_buckets=32, max_distance=128, bidirectional=False)
+BIAS = T5BucketBias(num_buckets=32, max_distance=128, bidirectional=False)
 MiB = 2 ** 20
 MODEL = TransformerConfig(  # prefix-LM, RoPE, rematerialized layers
     architecture="decoder_only", emb_dim=256, num_heads=4, head_dim=64, mlp_dim=512,
@@ -47,7 +48,7 @@ def _layer_grad(attention_fn, mesh, causal=True):
   """jit of (q, k, v, ct, segment ids, positions, bias table) -> (dq, dk, dv, dtable) of
   sum(attention * ct), with [batch, length, ...] inputs sharded as the rules say."""
   def loss(q, k, v, table, ct, seg, pos):
-    bias = ring.PositionBias(table, BIAS)
+    bias = PositionBias(table, BIAS)
     if attention_fn is dot_product_attention:
       bias = bias(pos, pos)
     with partitioning.axis_rules(mesh, RULES):

@@ -1,2 +1,5 @@
 """ul2x.kernels: pure per-shard array functions, called inside the caller's shard_map:
-ring attention (`ring_attention`) and mixture-of-experts dispatch (`moe_dispatch`)."""
+the inputs and mask every attention shares (`attention_inputs`), ring attention
+(`ring_attention`), Pallas flash attention (`flash_attention`), mixture-of-experts
+dispatch with capacity (`moe_dispatch`) and dropless grouped-matmul dispatch
+(`grouped_matmul`)."""

@@ -11,7 +11,8 @@ blocks. Results are merged with an online softmax. The backward pass is a
 activation memory per device is proportional to the local block, never to the
 full sequence.
 
-Masks come from global positions and segment ids (0 = padding), so the kernel is
+Masks come from global positions and segment ids (0 = padding), through
+kernels/attention_inputs.py's `visible` like every implementation's, so the kernel is
 indifferent to how the sequence is laid out over devices: `zigzag` / `unzigzag`
 reorder a batch so that every device holds as much of the causal triangle as any
 other. A relative position bias is passed as a `PositionBias` (parameters plus a
@@ -26,38 +27,13 @@ the same `forward` / `backward` methods can replace it.
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-class Tokens(NamedTuple):
-  """Per-token mask inputs of one block, each [batch, len]; `prefix` may be None."""
-
-  segment_ids: jax.Array
-  positions: jax.Array
-  prefix: jax.Array | None = None
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
-                   meta_fields=["fn"])
-@dataclasses.dataclass(frozen=True)
-class PositionBias:
-  """An additive attention bias computed per tile from global positions.
-
-  params: pytree of float arrays, each with `heads` as its leading dimension
-    (differentiable; under tensor parallelism the caller passes the local heads).
-  fn: hashable `fn(params, q_positions [b, q], kv_positions [b, k]) -> float32
-    [b, heads, q, k]`, e.g. the T5 bucketed relative bias of model/position.py.
-  """
-
-  params: Any
-  fn: Callable
-
-  def __call__(self, q_positions, kv_positions):
-    return self.fn(self.params, q_positions, kv_positions)
+from ul2x.kernels.attention_inputs import PositionBias, Tokens, visible
 
 
 class BlockAttentionFn(Protocol):
@@ -95,19 +71,6 @@ def _vary_like(tree, *refs):
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)
-
-
-def visible(q_tok: Tokens, kv_tok: Tokens, causal: bool):
-  """Boolean [batch, q, k]: same non-padding segment and, if causal, key position
-  <= query position unless both tokens are in the bidirectional prefix."""
-  mask = ((q_tok.segment_ids[:, :, None] == kv_tok.segment_ids[:, None, :])
-          & (kv_tok.segment_ids[:, None, :] != 0))
-  if causal:
-    allowed = kv_tok.positions[:, None, :] <= q_tok.positions[:, :, None]
-    if q_tok.prefix is not None:
-      allowed |= q_tok.prefix[:, :, None].astype(bool) & kv_tok.prefix[:, None, :].astype(bool)
-    mask &= allowed
-  return mask
 
 
 def _tile_size(length: int, block_size: int) -> int:
@@ -150,7 +113,7 @@ class BlockwiseAttention:
   block_size: int = 512
 
   def forward(self, q, k, v, q_tok, kv_tok, bias, acc, *, causal, scale):
-    (b, lq, h, d), lk = q.shape, k.shape[1]
+    lq, lk = q.shape[1], k.shape[1]
     tq, tk = _tile_size(lq, self.block_size), _tile_size(lk, self.block_size)
 
     def q_tile(i, acc):

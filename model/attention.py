@@ -3,38 +3,27 @@ and the multi-head attention module.
 
 Every implementation has the signature of `dot_product_attention`; masks are
 given as segment ids (0 = padding) and positions, never as dense masks. `ring`
-takes the relative bias as a `PositionBias` (table + bucket function) instead of a
-dense tensor: see `stack_bias`.
+and `flash` take the relative bias as a `PositionBias` (table + bucket function)
+instead of a dense tensor: see `stack_bias`.
 """
 
+import logging
 import math
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from ul2x.kernels import flash_attention as flash
 from ul2x.kernels import ring_attention as ring
+from ul2x.kernels.attention_inputs import Tokens, visible
 from ul2x.model.layers import Dense
-from ul2x.model.position import apply_rope
+from ul2x.model.position import T5BucketBias, apply_rope
 from ul2x.partitioning import constrain, current_axis_rules, logical_to_spec, mesh_axes
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                   causal: bool, q_prefix=None, kv_prefix=None):
-  """Boolean [batch, 1, q_len, kv_len]: same non-padding segment and, if causal,
-  key position <= query position unless both tokens are in the bidirectional prefix."""
-  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (
-      kv_segment_ids[:, None, :] != 0)
-  if causal:
-    allowed = kv_positions[:, None, :] <= q_positions[:, :, None]
-    if q_prefix is not None:
-      allowed |= q_prefix[:, :, None].astype(bool) & kv_prefix[:, None, :].astype(bool)
-    mask &= allowed
-  return mask[:, None]
 
 
 def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
@@ -51,9 +40,9 @@ def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions
   logits = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits += bias
-  mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal,
-                        q_prefix, kv_prefix)
-  logits = jnp.where(mask, logits, _MASK_VALUE)
+  mask = visible(Tokens(q_segment_ids, q_positions, q_prefix),
+                 Tokens(kv_segment_ids, kv_positions, kv_prefix), causal)
+  logits = jnp.where(mask[:, None], logits, _MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
 
@@ -88,8 +77,8 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
           f"mesh axis {axis!r}; make the length a multiple of {n}.")
   local = q.shape[1] // n  # causal: tiles of half a block align with the zigzag chunks
   block = min(RING_BLOCK_SIZE, local // 2 if causal and local % 2 == 0 else local)
-  q_tok = ring.Tokens(q_segment_ids, q_positions, q_prefix)
-  kv_tok = ring.Tokens(kv_segment_ids, kv_positions, kv_prefix)
+  q_tok = Tokens(q_segment_ids, q_positions, q_prefix)
+  kv_tok = Tokens(kv_segment_ids, kv_positions, kv_prefix)
 
   def attend(q, k, v, q_tok, kv_tok, bias):
     return ring.ring_attention(
@@ -137,15 +126,56 @@ def ring_layout(cfg, length: int):
   return partial(ring.zigzag, num_shards=n), partial(ring.unzigzag, num_shards=n)
 
 
+@cache
+def _bucket_fn(fn):
+  """The bucket function of a `T5BucketBias`, one object per settings (jit caches on it)."""
+  if not isinstance(fn, T5BucketBias):
+    raise ValueError(f"attention='flash' computes the T5 relative bias (T5BucketBias) inside "
+                     f"the kernel; it cannot compute {fn!r}. Use attention='reference'.")
+  return fn.buckets
+
+
+@cache
+def _log_flash_fallback(backend: str):
+  logging.warning("attention='flash' has no compiled kernel on %r: using the reference "
+                  "dot_product_attention with a dense bias instead.", backend)
+
+
+def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
+                                kv_positions, causal=False, q_prefix=None, kv_prefix=None,
+                                bias=None, scale=1.0):
+  """The Pallas flash kernel (kernels/flash_attention.py) with the signature of
+  `dot_product_attention`, but `bias` is a `PositionBias` of the T5 relative bias,
+  computed per tile. On a platform without a compiled kernel (CPU, TPU) it logs once
+  and uses the reference. Not yet under a sharded mesh: inputs are whole arrays."""
+  tokens = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions, kv_positions=kv_positions, causal=causal,
+                q_prefix=q_prefix, kv_prefix=kv_prefix, scale=scale)
+  if jax.default_backend() != "gpu":
+    _log_flash_fallback(jax.default_backend())
+    dense = None if bias is None else bias(q_positions, kv_positions)
+    return dot_product_attention(q, k, v, bias=dense, **tokens)
+  table, bucket_fn = (None, None) if bias is None else (bias.params, _bucket_fn(bias.fn))
+  return flash.flash_attention(q, k, v, bias_table=table, bucket_fn=bucket_fn, **tokens)
+
+
 def stack_bias(relative_bias, positions, attention: str):
-  """A stack's relative position bias: the dense [batch, heads, len, len] tensor,
-  or for `ring` the `PositionBias` (table + bucket function) computed per block."""
-  if attention == "ring":
+  """A stack's relative position bias: the dense [1, heads, len, len] tensor,
+  or for `ring` and `flash` the `PositionBias` (table + bucket function) computed
+  per block."""
+  if attention in ("ring", "flash"):
     return relative_bias.blockwise()
-  return relative_bias(positions, positions)
+  # Packed positions count from 0 in each segment, so within a segment they differ from
+  # 0..len-1 by a constant, and the mask hides pairs across segments: the bias of
+  # 0..len-1, one [1, heads, len, len] tensor for the whole batch as T5X computes it,
+  # equals the bias of the positions wherever attention looks, for a batch-th of the
+  # gather (and of its gradient's scatter).
+  offsets = jnp.arange(positions.shape[1], dtype=jnp.int32)[None]
+  return relative_bias(offsets, offsets)
 
 
-ATTENTION_FNS = {"reference": dot_product_attention, "ring": ring_dot_product_attention}
+ATTENTION_FNS = {"reference": dot_product_attention, "ring": ring_dot_product_attention,
+                 "flash": flash_dot_product_attention}
 
 
 def get_attention_fn(name: str):

@@ -3,11 +3,20 @@
 import dataclasses
 
 import gin
+import jax
 import jax.numpy as jnp
 
-from ul2x.model.moe import ROUTERS, expert_capacity
+from ul2x.model.contract import ARCHITECTURES
+from ul2x.model.layers import ACTIVATIONS
+from ul2x.model.moe import DISPATCHES, ROUTERS, expert_capacity
 
-ARCHITECTURES = ("encoder_decoder", "decoder_only")
+# What a rematerialised layer keeps from its forward pass for the backward: nothing
+# (`full`: every layer is recomputed), the matmul outputs (`dots_saveable`), or
+# those without batch dimensions; `none` keeps everything (no remat).
+REMAT_POLICIES = {
+    "none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @gin.configurable
@@ -40,7 +49,7 @@ class TransformerConfig:
   rope_max_wavelength: float = 10_000.0
   attention: str = "reference"
   ring_load_balance: bool = True
-  remat: bool = False
+  remat: bool | str = False  # a REMAT_POLICIES name; True is 'full', False 'none'
   scan_layers: bool = False
   # Mixture of experts (docs/moe.md); num_experts=0 is a dense model.
   num_experts: int = 0
@@ -56,9 +65,10 @@ class TransformerConfig:
   def __post_init__(self):
     checks = [
         ("architecture", self.architecture, ARCHITECTURES),
-        ("activation", self.activation, ("gelu", "silu")),
+        ("activation", self.activation, tuple(ACTIVATIONS)),
         ("dtype", self.dtype, ("float32", "bfloat16")),
         ("position", self.position, ("relative", "rope")),
+        ("remat", self.remat_policy, tuple(REMAT_POLICIES)),
     ]
     for name, value, allowed in checks:
       if value not in allowed:
@@ -74,7 +84,7 @@ class TransformerConfig:
 
   def _check_moe(self):
     for name, allowed in [("encoder_router", ROUTERS), ("decoder_router", ROUTERS),
-                          ("moe_dispatch", ("gather", "one_hot"))]:
+                          ("moe_dispatch", DISPATCHES)]:
       if getattr(self, name) not in allowed:
         raise ValueError(
             f"TransformerConfig.{name}={getattr(self, name)!r} is not one of {allowed}; "
@@ -96,7 +106,19 @@ class TransformerConfig:
             "is MoE); change --gin.TransformerConfig.moe_layer_interval or the depth.")
     if self.group_size < 1:
       raise ValueError(f"TransformerConfig.group_size={self.group_size} must be positive.")
-    expert_capacity(self.group_size, self.num_experts, self.capacity_factor)
+    if self.moe_dispatch != "dropless":  # dropless has no capacity
+      expert_capacity(self.group_size, self.num_experts, self.capacity_factor)
+    elif self.architecture == "encoder_decoder" and self.encoder_router == "expert_choice":
+      raise ValueError(
+          "TransformerConfig.moe_dispatch='dropless' is for token-choice routers, but "
+          "encoder_router='expert_choice' (expert choice drops no choice by construction); "
+          "set --gin.TransformerConfig.encoder_router='top2' (or 'top1'), or "
+          "moe_dispatch='gather'.")
+
+  @property
+  def remat_policy(self) -> str:
+    """`remat` as a `REMAT_POLICIES` name."""
+    return {True: "full", False: "none"}.get(self.remat, self.remat)
 
   @property
   def activation_dtype(self):

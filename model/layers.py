@@ -1,6 +1,8 @@
-"""Basic NNX layers with logical axis names: dense, embedding, RMSNorm, gated MLP, dropout."""
+"""Basic NNX layers with logical axis names: dense, embedding, RMSNorm, gated MLP, dropout;
+the activation table and the dropout-key split the model's modules share."""
 
 import math
+from functools import partial
 from collections.abc import Sequence
 
 import jax
@@ -8,6 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ul2x.partitioning import constrain
+
+# The gated MLPs' activations by `TransformerConfig.activation` (jax's gelu: tanh approximation).
+ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
+
+
+def split_key(key, n: int) -> list:
+  """`n` dropout keys from `key`; `key=None` (deterministic) gives `n` Nones."""
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 def variance_scaling_init(scale: float, distribution: str = "normal"):
@@ -46,7 +56,50 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     kernel = self.kernel[...].astype(self.dtype)
-    return jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+    return contract(x.astype(self.dtype), kernel, self.n_in)
+
+
+def _contract(x, kernel, n_in: int):
+  return jnp.tensordot(x, kernel, axes=n_in)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract_cpu(x, kernel, n_in: int):
+  return _contract(x, kernel, n_in)
+
+
+def _contract_cpu_fwd(x, kernel, n_in):
+  return _contract(x, kernel, n_in), (x, kernel)
+
+
+def _contract_cpu_bwd(n_in, res, g):
+  """The kernel's gradient x^T g transposes the narrower of x [tokens, in] and
+  g [tokens, out] as an op of its own. Left to itself, XLA:CPU transposes an operand
+  inside the fusion that computes it, with strided writes that cost more than the
+  matmul (docs/benchmarks.md, "Against PyTorch")."""
+  x, kernel = res
+  n_out = kernel.ndim - n_in
+  x2 = x.reshape(-1, math.prod(kernel.shape[:n_in]))
+  g2 = g.reshape(-1, math.prod(kernel.shape[n_in:]))
+  transposed = jax.lax.optimization_barrier
+  if x2.shape[1] <= g2.shape[1]:
+    dk = jnp.dot(transposed(x2.T), g2)
+  else:
+    dk = jnp.dot(transposed(g2.T), x2).T
+  dk = dk.reshape(kernel.shape)
+  out_dims = tuple(range(g.ndim - n_out, g.ndim))
+  dx = jnp.tensordot(g, kernel, axes=(out_dims, tuple(range(n_in, kernel.ndim))))
+  return dx, dk
+
+
+_contract_cpu.defvjp(_contract_cpu_fwd, _contract_cpu_bwd)
+
+
+def contract(x, kernel, n_in: int):
+  """x[..., *in] . kernel[*in, *out] -> [..., *out] (a dense layer's matmul)."""
+  if jax.default_backend() == "cpu":
+    return _contract_cpu(x, kernel, n_in)
+  return _contract(x, kernel, n_in)
 
 
 class Embed(nnx.Module):
@@ -93,8 +146,7 @@ class GatedMLP(nnx.Module):
 
   def __call__(self, x, key=None):
     """x: [batch, length, embed] -> [batch, length, embed]."""
-    act = jax.nn.gelu if self.activation == "gelu" else jax.nn.silu
-    h = act(self.wi_0(x)) * self.wi_1(x)
+    h = ACTIVATIONS[self.activation](self.wi_0(x)) * self.wi_1(x)
     h = constrain(h, ("batch", "length", "mlp"))
     h = dropout(h, self.dropout_rate, key)
     return self.wo(h)

@@ -1,12 +1,16 @@
 """Mixture-of-experts MLP: expert-choice and top-k token-choice routers, capacity-bounded
-expert-parallel dispatch, router losses and metrics, and sparse upcycling of dense params.
+or (token choice only) dropless expert-parallel dispatch (laid out by
+`partitioning.expert_parallel_plan`), and the router losses and metrics each layer sows
+(the trainer aggregates them: trainer/router_metrics.py).
 
 Tokens are routed in groups. A group holds `chunk` consecutive positions of
 `rows` sequences and lists them position-major (position 0 of every row, then
 position 1, ...), so a token's place in the group never depends on a later
 position. Token choice fills each expert's slots in that order, which keeps a
 causal decoder causal; expert choice compares all tokens of a group and is only
-allowed where attention is bidirectional (checked by TransformerConfig).
+allowed where attention is bidirectional (checked by TransformerConfig). Dropless token
+choice has no slots: every choice is computed, and groups only delimit the load-balancing
+loss and the metrics.
 """
 
 import functools
@@ -19,14 +23,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ul2x import partitioning
+from ul2x.kernels.grouped_matmul import (combine_sorted, dispatch_sorted, grouped_matmul,
+                                         sort_by_expert)
 from ul2x.kernels.moe_dispatch import DISPATCH_FNS, from_experts, to_experts
-from ul2x.model.layers import Dense, dropout, variance_scaling_init
+from ul2x.model.layers import ACTIVATIONS, Dense, dropout, split_key, variance_scaling_init
 
 ROUTERS = ("expert_choice", "top1", "top2")
 TOP_K = {"top1": 1, "top2": 2}
+DISPATCHES = (*DISPATCH_FNS, "dropless")
 HISTOGRAM_BINS = 5  # tokens with 0, 1, 2, 3 and 4 or more experts
-_LOSSES = ("aux_loss", "router_z_loss")
-_VECTORS = ("tokens_per_expert", "experts_per_token")
 
 
 class Routing(NamedTuple):
@@ -34,6 +39,12 @@ class Routing(NamedTuple):
   token: jax.Array  # int32: index of the slot's token within its group
   weight: jax.Array  # float32: the expert output's weight in the token's output (0 if unused)
   valid: jax.Array  # bool: the slot holds a token
+
+
+class Choices(NamedTuple):
+  """Dropless token choice: each token's k experts, each [groups, group_tokens, k]."""
+  expert: jax.Array  # int32: the chosen expert (num_experts for padding: none)
+  weight: jax.Array  # float32: that expert's output weight in the token's output (0: padding)
 
 
 def group_layout(batch: int, length: int, group_size: int) -> tuple[int, int]:
@@ -94,18 +105,35 @@ def expert_choice_routing(probs, mask, capacity: int) -> Routing:
   return Routing(token.astype(jnp.int32), jnp.where(valid, gate, 0.0), valid)
 
 
-def token_choice_routing(probs, mask, k: int, capacity: int):
-  """probs: [G, S, E] float32; mask: [G, S] bool -> (routing, expert [G, S, k], kept [G, S, k]).
-
-  Each token picks its top-k experts; weights are the probability for k = 1
-  (Switch) and the top-k probabilities renormalised to sum 1 for k > 1 (GShard).
-  Slots fill in group order, token by token and each token's choices in rank
-  order; an assignment past an expert's capacity is dropped. Padding takes no slot.
-  """
-  g, s, e = probs.shape
+def top_k_gates(probs, k: int):
+  """probs: [..., E] -> (gate, expert) [..., k]: each token's k most probable experts,
+  weighted by the probability for k = 1 (Switch) and by the k probabilities renormalised
+  to sum 1 for k > 1 (GShard)."""
   gate, expert = jax.lax.top_k(probs, k)
   if k > 1:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+  return gate, expert
+
+
+def dropless_choices(probs, mask, k: int) -> tuple[Choices, jax.Array]:
+  """probs: [G, S, E] float32; mask: [G, S] bool -> (choices, expert [G, S, k]): each real
+  token's top-k experts (`top_k_gates`), all kept; padding gets no expert."""
+  gate, expert = top_k_gates(probs, k)
+  real = mask[..., None]
+  choices = Choices(jnp.where(real, expert, probs.shape[-1]).astype(jnp.int32),
+                    jnp.where(real, gate, 0.0))
+  return choices, expert
+
+
+def token_choice_routing(probs, mask, k: int, capacity: int):
+  """probs: [G, S, E] float32; mask: [G, S] bool -> (routing, expert [G, S, k], kept [G, S, k]).
+
+  Each token picks its top-k experts (`top_k_gates`). Slots fill in group order, token
+  by token and each token's choices in rank order; an assignment past an expert's
+  capacity is dropped. Padding takes no slot.
+  """
+  g, s, e = probs.shape
+  gate, expert = top_k_gates(probs, k)
   flat_expert = expert.reshape(g, s * k)
   real = jnp.repeat(mask, k, axis=1)
   chosen = jax.nn.one_hot(flat_expert, e, dtype=jnp.int32) * real[..., None]
@@ -146,15 +174,29 @@ def load_balancing_loss(probs, expert, mask):
 
 def routing_metrics(routing: Routing, logits, mask, kept=None) -> dict:
   """Scalars (and two vectors) describing one layer's routing of the (micro)batch."""
-  g, s, e = logits.shape
-  m = mask.astype(jnp.float32)
-  tokens = jnp.maximum(jnp.sum(m), 1.0)
+  g, s, _ = logits.shape
   used = routing.valid.astype(jnp.int32)
   per_token = jax.vmap(lambda idx, v: jnp.zeros((s,), jnp.int32).at[idx].add(v))(
       routing.token.reshape(g, -1), used.reshape(g, -1))
+  load = jnp.sum(used, axis=(0, 2)).astype(jnp.float32) / g
+  return _metrics(per_token, load, logits, mask, kept)
+
+
+def choice_metrics(choices: Choices, logits, mask) -> dict:
+  """`routing_metrics` of dropless token choice: every real token keeps its k choices."""
+  g, _, e = logits.shape
+  per_token = choices.expert.shape[-1] * mask.astype(jnp.int32)
+  load = jnp.sum(jax.nn.one_hot(choices.expert, e), axis=(0, 1, 2)) / g
+  kept = jnp.broadcast_to(mask[..., None], choices.expert.shape)
+  return _metrics(per_token, load, logits, mask, kept)
+
+
+def _metrics(per_token, load, logits, mask, kept) -> dict:
+  """per_token: [G, S] experts per token; load: [E] tokens per expert and group."""
+  m = mask.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(m), 1.0)
   bins = jax.nn.one_hot(jnp.minimum(per_token, HISTOGRAM_BINS - 1), HISTOGRAM_BINS)
   histogram = jnp.sum(bins * m[..., None], axis=(0, 1)) / tokens
-  load = jnp.sum(used, axis=(0, 2)).astype(jnp.float32) / g
   mean_load = jnp.maximum(jnp.mean(load), 1e-9)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
@@ -183,44 +225,9 @@ class Experts(nnx.Module):
     self.wo = nnx.Param(stacked((mlp_dim, emb_dim)), axes=("expert", "mlp", "embed"))
 
 
-class _Plan(NamedTuple):
-  """How expert slots are laid out over the mesh inside shard_map."""
-  batch_axes: tuple = ()  # mesh axes sharding the groups
-  expert_axes: tuple = ()  # mesh axes sharding the experts
-  tensor_axes: tuple = ()  # mesh axes sharding each expert's hidden dim
-  exchange: str | None = None  # 'all_to_all', 'psum' (tokens replicated) or None
-
-
-def _rule_axes(rules, mesh_shape, name: str, size: int) -> tuple:
-  spec = partitioning.logical_to_spec((name,), rules, mesh_shape, (size,))
-  return partitioning.mesh_axes(spec[0] if len(spec) else None)
-
-
-def expert_parallel_plan(mesh, rules, *, groups: int, num_experts: int, hidden: int) -> _Plan:
-  """Shards experts as the 'expert' rule says (all of them, or an error), groups as
-  the 'batch' rule, and each expert's hidden dim as the 'mlp' rule."""
-  shape = dict(mesh.shape)
-  wanted = partitioning.mesh_axes(next((axes for name, axes in rules if name == "expert"), None))
-  size = math.prod(shape.get(a, 1) for a in wanted)
-  if num_experts % size:
-    raise ValueError(
-        f"num_experts={num_experts} is not divisible by {size}, the size of the mesh axes "
-        f"{wanted} that hold the experts; use a multiple of {size} experts or change "
-        "--gin.create_mesh.expert.")
-  expert_axes = _rule_axes(rules, shape, "expert", num_experts)
-  batch_axes = _rule_axes(rules, shape, "batch", groups)
-  if set(expert_axes) <= set(batch_axes):
-    exchange = "all_to_all" if expert_axes else None
-  else:  # too few groups to spread over the expert axes: each device serves all of them
-    batch_axes = tuple(a for a in batch_axes if a not in expert_axes)
-    exchange = "psum"
-  tensor_axes = tuple(a for a in _rule_axes(rules, shape, "mlp", hidden)
-                      if a not in batch_axes + expert_axes)
-  return _Plan(batch_axes, expert_axes, tensor_axes, exchange)
-
-
-def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *, plan: _Plan, dispatch_name: str,
-                  activation: str, dropout_rate: float):
+def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *,
+                  plan: partitioning.ExpertParallelPlan, dispatch_name: str, activation: str,
+                  dropout_rate: float):
   """Per shard: dispatch tokens to slots, run the experts, combine. xg: [G, S, D];
   routing: [G, E, C] each; wi_*: [E_local, D, H_local]; wo: [E_local, H_local, D]."""
   dispatch_fn, combine_fn = DISPATCH_FNS[dispatch_name]
@@ -235,7 +242,7 @@ def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *, plan: _Plan, dispatc
   mesh_axes = plan.batch_axes + plan.expert_axes + plan.tensor_axes
   if key is not None and mesh_axes:
     key = jax.random.fold_in(key, jax.lax.axis_index(mesh_axes))
-  act = jax.nn.gelu if activation == "gelu" else jax.nn.silu
+  act = ACTIVATIONS[activation]
   h = act(jnp.einsum("gecd,edh->gech", slots, wi_0)) * jnp.einsum("gecd,edh->gech", slots, wi_1)
   out = jnp.einsum("gech,ehd->gecd", dropout(h, dropout_rate, key), wo)
   if plan.tensor_axes:
@@ -246,8 +253,36 @@ def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *, plan: _Plan, dispatc
   return jax.lax.psum(combined, plan.expert_axes) if plan.exchange == "psum" else combined
 
 
-def _split(key, n):
-  return [None] * n if key is None else list(jax.random.split(key, n))
+def _dropless_experts(xg, choices, wi_0, wi_1, wo, key=None, *,
+                      plan: partitioning.ExpertParallelPlan, activation: str,
+                      dropout_rate: float):
+  """Per shard: sort the choices of this device's experts by expert, run them as grouped
+  matmuls, combine. xg: [G, S, D]; choices: [G, S, k] each; wi_*: [E_local, D, H_local];
+  wo: [E_local, H_local, D]. With experts sharded over the batch's expert axes, every
+  device of those axes sees all their tokens (all-gather) and each token's output is
+  summed back onto its own device (reduce-scatter)."""
+  g, s, d = xg.shape
+  x, expert, weight = (a.reshape(g * s, *a.shape[2:]) for a in (xg, *choices))
+  if plan.exchange == "all_to_all":
+    x, expert, weight = (jax.lax.all_gather(a, plan.expert_axes, axis=0, tiled=True)
+                         for a in (x, expert, weight))
+  local = wi_0.shape[0]
+  if plan.expert_axes:
+    expert = expert - jax.lax.axis_index(plan.expert_axes) * local
+  mesh_axes = plan.batch_axes + plan.expert_axes + plan.tensor_axes
+  if key is not None and mesh_axes:
+    key = jax.random.fold_in(key, jax.lax.axis_index(mesh_axes))
+  order, sizes = sort_by_expert(expert, local)
+  rows = dispatch_sorted(x, order, expert.shape[-1])
+  act = ACTIVATIONS[activation]
+  h = act(grouped_matmul(rows, wi_0, sizes)) * grouped_matmul(rows, wi_1, sizes)
+  out = combine_sorted(grouped_matmul(dropout(h, dropout_rate, key), wo, sizes), order, weight)
+  if plan.exchange == "all_to_all":
+    out = jax.lax.psum_scatter(out, plan.expert_axes, scatter_dimension=0, tiled=True)
+  summed = plan.tensor_axes + (plan.expert_axes if plan.exchange == "psum" else ())
+  if summed:
+    out = jax.lax.psum(out, summed)
+  return out.reshape(g, s, d)
 
 
 class MoeMLP(nnx.Module):
@@ -255,15 +290,19 @@ class MoeMLP(nnx.Module):
 
   `router` is 'expert_choice', 'top1' or 'top2'. Routing happens per group of
   `cfg.group_size` tokens (see `group_layout`) with `expert_capacity` slots per
-  expert. Under `partitioning.axis_rules` the experts run in a shard_map: expert
-  weights sharded over the 'expert' rule's mesh axes, token slots sent to their
-  experts' devices by all-to-all and back. Each call sows router losses and
-  metrics (`pop_router_metrics` collects them).
+  expert, or (`cfg.moe_dispatch='dropless'`, token choice) without slots: every choice
+  runs, through grouped matmuls. Under `partitioning.axis_rules` the experts run in a
+  shard_map: expert weights sharded over the 'expert' rule's mesh axes, token slots
+  sent to their experts' devices by all-to-all and back (dropless: tokens all-gathered
+  over those axes, outputs reduce-scattered). Each call sows router losses and
+  metrics (`trainer.router_metrics.pop_router_metrics` collects them).
   """
 
   def __init__(self, cfg, *, router: str, rngs: nnx.Rngs):
-    if router not in ROUTERS:
-      raise ValueError(f"router={router!r} is not one of {ROUTERS}.")
+    allowed = tuple(TOP_K) if cfg.moe_dispatch == "dropless" else ROUTERS
+    if router not in allowed:
+      raise ValueError(
+          f"router={router!r} is not one of {allowed} (moe_dispatch={cfg.moe_dispatch!r}).")
     hidden = cfg.expert_mlp_dim or cfg.mlp_dim
     self.router = Dense([cfg.emb_dim], [cfg.num_experts], ("embed", None), dtype=jnp.float32,
                         rngs=rngs, init_scale=0.1)
@@ -279,8 +318,8 @@ class MoeMLP(nnx.Module):
     self.dtype = cfg.activation_dtype
 
   def route(self, xg, mask, key=None):
-    """xg: [G, S, embed]; mask: [G, S] bool -> (routing, sown values: losses and metrics)."""
-    capacity = expert_capacity(xg.shape[1], self.num_experts, self.capacity_factor)
+    """xg: [G, S, embed]; mask: [G, S] bool -> (routing, sown values: losses and metrics);
+    routing is `Choices` for dropless dispatch, else `Routing` (expert slots)."""
     x32 = xg.astype(jnp.float32)
     if key is not None and self.jitter > 0:
       x32 = x32 * jax.random.uniform(key, x32.shape, jnp.float32, 1 - self.jitter,
@@ -288,6 +327,12 @@ class MoeMLP(nnx.Module):
     logits = self.router(x32)
     probs = jax.nn.softmax(logits, axis=-1)
     values = {"router_z_loss": router_z_loss(logits, mask)}
+    if self.dispatch == "dropless":
+      choices, expert = dropless_choices(probs, mask, TOP_K[self.router_name])
+      values["aux_loss"] = load_balancing_loss(probs, expert, mask)
+      values.update(choice_metrics(choices, logits, mask))
+      return choices, values
+    capacity = expert_capacity(xg.shape[1], self.num_experts, self.capacity_factor)
     if self.router_name == "expert_choice":
       routing = expert_choice_routing(probs, mask, capacity)
       kept = None
@@ -304,159 +349,32 @@ class MoeMLP(nnx.Module):
     rows, chunk = group_layout(b, l, self.group_size)
     mask = jnp.ones((b, l), bool) if segment_ids is None else segment_ids != 0
     xg, mask = to_groups(x, rows, chunk), to_groups(mask, rows, chunk)
-    k_route, k_experts = _split(key, 2)
+    k_route, k_experts = split_key(key, 2)
     routing, values = self.route(xg, mask, k_route)
     self.sow(nnx.Intermediate, "router_stats", values)
     return from_groups(self._experts(xg, routing, k_experts), b, l, rows, chunk)
 
-  def _experts(self, xg, routing: Routing, key):
+  def _experts(self, xg, routing: Routing | Choices, key):
     weights = [w[...].astype(self.dtype)
                for w in (self.experts.wi_0, self.experts.wi_1, self.experts.wo)]
-    body = functools.partial(_expert_slots, dispatch_name=self.dispatch,
-                             activation=self.activation, dropout_rate=self.dropout_rate)
+    if self.dispatch == "dropless":
+      body = functools.partial(_dropless_experts, activation=self.activation,
+                               dropout_rate=self.dropout_rate)
+    else:
+      body = functools.partial(_expert_slots, dispatch_name=self.dispatch,
+                               activation=self.activation, dropout_rate=self.dropout_rate)
     args = (xg.astype(self.dtype), routing, *weights) + (() if key is None else (key,))
     context = partitioning.current_axis_rules()
     if context is None:
-      return body(*args, plan=_Plan())
+      return body(*args, plan=partitioning.ExpertParallelPlan())
     mesh, rules = context
-    plan = expert_parallel_plan(mesh, rules, groups=xg.shape[0], num_experts=self.num_experts,
-                                hidden=weights[0].shape[-1])
+    plan = partitioning.expert_parallel_plan(mesh, rules, groups=xg.shape[0],
+                                             num_experts=self.num_experts,
+                                             hidden=weights[0].shape[-1])
     tokens = P(plan.batch_axes or None)
     wi = P(plan.expert_axes or None, None, plan.tensor_axes or None)
     wo = P(plan.expert_axes or None, plan.tensor_axes or None, None)
-    specs = (tokens, Routing(tokens, tokens, tokens), wi, wi, wo) + (
+    specs = (tokens, jax.tree.map(lambda _: tokens, routing), wi, wi, wo) + (
         () if key is None else (P(),))
     return jax.shard_map(functools.partial(body, plan=plan), mesh=mesh, in_specs=specs,
                          out_specs=tokens)(*args)
-
-
-def pop_router_metrics(model: nnx.Module) -> dict:
-  """Pops what the MoE layers of `model` sowed in its last call and aggregates it per
-  layer stack (the top-level module, e.g. 'encoder'): losses summed over the stack's
-  MoE layers, everything else averaged over them.
-
-  -> {} for a dense model, else: 'moe/aux_loss' and 'moe/router_z_loss' (sums over
-  all MoE layers: the terms the train step weights into the objective),
-  'moe/unrouted_fraction' (mean over all MoE layers), and per stack
-  'moe/<stack>/<name>' scalars plus the vector 'moe/<stack>/tokens_per_expert' [E].
-  """
-  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-  layers: dict[str, dict[str, list]] = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
-    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-    if "router_stats" not in keys:
-      continue
-    name = keys[-1]
-    base = value.shape[value.ndim - (1 if name in _VECTORS else 0):]
-    stack = layers.setdefault(str(keys[0]), {})
-    stack.setdefault(name, []).append(value.reshape(-1, *base))
-  if not layers:
-    return {}
-  out = {"moe/aux_loss": jnp.zeros((), jnp.float32),
-         "moe/router_z_loss": jnp.zeros((), jnp.float32)}
-  unrouted = []
-  for stack, values in layers.items():
-    for name, parts in values.items():
-      stacked = jnp.concatenate(parts)
-      reduced = jnp.sum(stacked, 0) if name in _LOSSES else jnp.mean(stacked, 0)
-      if name == "experts_per_token":
-        for i in range(HISTOGRAM_BINS):
-          label = f"{i}+" if i == HISTOGRAM_BINS - 1 else str(i)
-          out[f"moe/{stack}/experts_per_token/{label}"] = reduced[i]
-      else:
-        out[f"moe/{stack}/{name}"] = reduced
-      if name in _LOSSES:
-        out[f"moe/{name}"] += reduced
-      if name == "unrouted_fraction":
-        unrouted.append(stacked)
-  out["moe/unrouted_fraction"] = jnp.mean(jnp.concatenate(unrouted))
-  return out
-
-
-def upcycle_dense_params(dense: dict, moe: dict, cfg) -> dict:
-  """Sparse upcycling (Komatsuzaki et al., 2022): MoE params from a dense model's.
-
-  dense: pure-dict params of a dense model with the sizes of `cfg` (listed or
-  scanned layers; string keys, as restored from a checkpoint, are fine). moe:
-  the MoE model's freshly initialised params, whose routers are kept. Every
-  expert of an MoE layer starts as a copy of that layer's dense MLP, so
-  `cfg.expert_mlp_dim` must equal the dense `mlp_dim`; all else is copied.
-  """
-  dense = _int_keys(dense)
-  out = {}
-  for name, template in moe.items():
-    if name not in dense:
-      raise ValueError(f"upcycling: the dense params have no {name!r}; they must come from "
-                       "the dense twin of the MoE model (same architecture and sizes).")
-    if isinstance(template, dict) and set(template) == {"layers"}:
-      out[name] = {"layers": _upcycle_stack(dense[name]["layers"], template["layers"], cfg,
-                                            name)}
-    else:
-      out[name] = _copy(dense[name], template, name)
-  return out
-
-
-def _int_keys(tree):
-  if not isinstance(tree, dict):
-    return tree
-  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
-          for k, v in tree.items()}
-
-
-def _copy(dense, template, path: str):
-  if isinstance(template, dict):
-    if not isinstance(dense, dict) or set(template) - set(dense):
-      missing = sorted(set(template) - set(dense or {}), key=str)
-      raise ValueError(f"upcycling: the dense params lack {path}/{missing}; they must come "
-                       "from the dense twin of the MoE model.")
-    return {k: _copy(dense[k], v, f"{path}/{k}") for k, v in template.items()}
-  if tuple(dense.shape) != tuple(template.shape):
-    raise ValueError(f"upcycling: dense parameter {path} has shape {tuple(dense.shape)} but "
-                     f"the MoE model needs {tuple(template.shape)}; use the same sizes.")
-  return jnp.asarray(dense).astype(template.dtype)
-
-
-def _upcycle_layer(dense: dict, template: dict, path: str) -> dict:
-  if "experts" not in template["mlp"]:
-    return _copy(dense, template, path)
-  out = {k: _copy(dense[k], v, f"{path}/{k}") for k, v in template.items() if k != "mlp"}
-  experts = {}
-  for name, target in template["mlp"]["experts"].items():
-    kernel = jnp.asarray(dense["mlp"][name]["kernel"])
-    if kernel.shape != target.shape[1:]:
-      raise ValueError(
-          f"upcycling: dense {path}/mlp/{name}/kernel has shape {kernel.shape} but each "
-          f"expert needs {target.shape[1:]}; set --gin.TransformerConfig.expert_mlp_dim to "
-          "the dense mlp_dim.")
-    experts[name] = jnp.broadcast_to(kernel, target.shape).astype(target.dtype)
-  out["mlp"] = {"router": template["mlp"]["router"], "experts": experts}
-  return out
-
-
-def _upcycle_stack(dense_layers: dict, template: dict, cfg, name: str) -> dict:
-  """Dense stack (listed or scanned) -> MoE stack of blocks (listed or scanned)."""
-  if all(isinstance(k, int) for k in dense_layers):
-    dense = [dense_layers[i] for i in range(len(dense_layers))]
-  else:
-    count = jax.tree.leaves(dense_layers)[0].shape[0]
-    dense = [jax.tree.map(lambda a, i=i: a[i], dense_layers) for i in range(count)]
-  k = cfg.moe_layer_interval
-  scanned = "sublayers" in template
-  blocks = jax.tree.leaves(template)[0].shape[0] if scanned else len(template)
-  if len(dense) != blocks * k:
-    raise ValueError(f"upcycling: the dense {name} has {len(dense)} layers but the MoE model "
-                     f"has {blocks * k}; use the same depth.")
-
-  def layer(b, j):
-    if scanned:
-      return _upcycle_layer(dense[b * k + j],
-                            jax.tree.map(lambda a: a[b], template["sublayers"][j]),
-                            f"{name}/layers/{b * k + j}")
-    return _upcycle_layer(dense[b * k + j], template[b]["sublayers"][j],
-                          f"{name}/layers/{b * k + j}")
-
-  new = [[layer(b, j) for j in range(k)] for b in range(blocks)]
-  if scanned:
-    return {"sublayers": {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[n[j] for n in new])
-                          for j in range(k)}}
-  return {b: {"sublayers": dict(enumerate(new[b]))} for b in range(blocks)}

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ul2x.kernels.ring_attention import PositionBias
+from ul2x.kernels.attention_inputs import PositionBias
 
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
@@ -35,23 +35,29 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 @dataclasses.dataclass(frozen=True)
-class RelativeBias:
-  """The T5 bias as a function of positions: table [heads, buckets] -> [b, heads, q, k]
-  float32. Hashable, so ring attention can compute it one block at a time."""
+class T5BucketBias:
+  """The T5 bias as a pure function of a table and positions, holding only the bucket
+  settings: (table [heads, buckets], positions) -> [b, heads, q, k] float32. Hashable,
+  so ring and flash attention can compute it one block at a time (the `fn` of a
+  `PositionBias`); `RelativePositionBias` is the module that owns the table."""
 
   num_buckets: int
   max_distance: int
   bidirectional: bool
 
+  def buckets(self, relative_position):
+    """int buckets of key - query positions, any shape."""
+    return relative_position_bucket(relative_position, self.bidirectional, self.num_buckets,
+                                    self.max_distance)
+
   def __call__(self, table, q_positions, kv_positions):
-    rel = kv_positions[:, None, :] - q_positions[:, :, None]
-    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
-                                       self.max_distance)
+    buckets = self.buckets(kv_positions[:, None, :] - q_positions[:, :, None])
     return jnp.transpose(jnp.take(table, buckets, axis=1), (1, 0, 2, 3))
 
 
 class RelativePositionBias(nnx.Module):
-  """Learned per-head bias indexed by the T5 bucket of (key - query) position."""
+  """Learned per-head bias indexed by the T5 bucket of (key - query) position: the
+  parameter table, applied by `T5BucketBias`."""
 
   def __init__(self, num_buckets: int, max_distance: int, num_heads: int,
                bidirectional: bool, *, rngs: nnx.Rngs):
@@ -67,8 +73,8 @@ class RelativePositionBias(nnx.Module):
 
   def blockwise(self) -> PositionBias:
     """The bias as its table and bucket function, for attention that computes it
-    per block (ring attention) instead of taking a dense [batch, heads, q, k] tensor."""
-    fn = RelativeBias(self.num_buckets, self.max_distance, self.bidirectional)
+    per block (ring, flash) instead of taking a dense [batch, heads, q, k] tensor."""
+    fn = T5BucketBias(self.num_buckets, self.max_distance, self.bidirectional)
     return PositionBias(self.rel_embedding[...], fn)
 
 

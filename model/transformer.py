@@ -11,17 +11,14 @@ from flax import nnx
 
 from ul2x.model import cache as kv_cache
 from ul2x.model.attention import MultiHeadAttention, ring_layout, stack_bias
-from ul2x.model.config import TransformerConfig
-from ul2x.model.layers import Dense, Embed, GatedMLP, RMSNorm, dropout
+from ul2x.model.config import REMAT_POLICIES, TransformerConfig
+from ul2x.model.contract import STACK_TOKENS, unpacked_segments_positions
+from ul2x.model.layers import Dense, Embed, GatedMLP, RMSNorm, dropout, split_key
 from ul2x.model.moe import MoeMLP
 from ul2x.model.position import RelativePositionBias
 from ul2x.partitioning import constrain
 
 _ACT = ("batch", "length", "embed")
-
-
-def _split(key, n):
-  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class TransformerLayer(nnx.Module):
@@ -56,7 +53,7 @@ class TransformerLayer(nnx.Module):
     then ctx's `kv_*` entries describe the cached positions, the new keys and values are
     written at `positions`, and the queries attend to the whole cache. -> (x, cache).
     """
-    k_attn, k_cross, k_mlp, k_out = _split(key, 4)
+    k_attn, k_cross, k_mlp, k_out = split_key(key, 4)
     h = self.self_attention_norm(x)
     queries = dict(q_segment_ids=ctx["segment_ids"], q_positions=ctx["positions"],
                    q_prefix=ctx.get("prefix"), bias=ctx.get("bias"))
@@ -108,7 +105,7 @@ class MoeBlock(nnx.Module):
   def __call__(self, x, ctx: dict, key=None, cache=None):
     caches = [None] * len(self.sublayers) if cache is None else cache
     new = []
-    for layer, k, c in zip(self.sublayers, _split(key, len(self.sublayers)), caches):
+    for layer, k, c in zip(self.sublayers, split_key(key, len(self.sublayers)), caches):
       x, c = layer(x, ctx, k, c)
       new.append(c)
     return x, None if cache is None else new
@@ -125,9 +122,9 @@ def _prefix_axes(module: nnx.Module, name: str):
 
 class LayerStack(nnx.Module):
   """`num_layers` identical layers, as a Python list or stacked and scanned over,
-  each optionally rematerialised in the backward pass."""
+  each rematerialised in the backward pass as `remat` (a `REMAT_POLICIES` name) says."""
 
-  def __init__(self, make_layer, num_layers: int, *, scan: bool, remat: bool,
+  def __init__(self, make_layer, num_layers: int, *, scan: bool, remat: str,
                rngs: nnx.Rngs):
     self.num_layers = num_layers
     self.scan = scan
@@ -152,8 +149,8 @@ class LayerStack(nnx.Module):
       return x, new
     if not self.scan:
       apply = lambda layer, x, k: layer(x, ctx, k)[0]
-      if self.remat:
-        apply = nnx.remat(apply)
+      if self.remat != "none":
+        apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
       for i, layer in enumerate(self.layers):
         x = apply(layer, x, None if keys is None else keys[i])
       return x
@@ -166,8 +163,8 @@ class LayerStack(nnx.Module):
       # What layers sow (MoE router stats) leaves the scan stacked over layers.
       return x, nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))
 
-    if self.remat:
-      body = jax.checkpoint(body)
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
     x, sown = jax.lax.scan(body, x, (state, keys))
     if sown:
       self.sow(nnx.Intermediate, "scanned", sown)
@@ -194,18 +191,15 @@ def _layer_stack(cfg: TransformerConfig, num_layers: int, *, causal: bool, cross
     num_layers //= cfg.moe_layer_interval
   else:
     make = lambda r: TransformerLayer(cfg, causal=causal, cross=cross, rngs=r)
-  return LayerStack(make, num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+  return LayerStack(make, num_layers, scan=cfg.scan_layers, remat=cfg.remat_policy,
+                    rngs=rngs)
 
 
-def _segments_positions(batch, prefix: str, tokens):
-  """Segment ids and positions from a packed batch, or derived from non-padding tokens."""
-  seg = batch.get(f"{prefix}_segment_ids")
-  pos = batch.get(f"{prefix}_positions")
-  if seg is None:
-    seg = (tokens > 0).astype(jnp.int32)
-  if pos is None:
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return seg, pos
+def _segments_positions(batch, stack: str):
+  """`stack`'s segment ids and positions [batch, len]: a packed batch's, or those of
+  one example per row (model/contract.py) where the batch has none."""
+  seg, pos = unpacked_segments_positions(batch[STACK_TOKENS[stack]])
+  return batch.get(f"{stack}_segment_ids", seg), batch.get(f"{stack}_positions", pos)
 
 
 class _Output(nnx.Module):
@@ -249,8 +243,8 @@ class EncoderDecoder(nnx.Module):
   def encode(self, batch, key=None):
     """-> (encoded [batch, enc_len, embed], segment ids, positions)."""
     tokens = batch["encoder_input_tokens"]
-    seg, pos = _segments_positions(batch, "encoder", tokens)
-    k_emb, k_layers, k_out = _split(key, 3)
+    seg, pos = _segments_positions(batch, "encoder")
+    k_emb, k_layers, k_out = split_key(key, 3)
     x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
     ctx = dict(segment_ids=seg, positions=pos,
                bias=stack_bias(self.encoder_bias, pos, self.cfg.attention))
@@ -260,9 +254,9 @@ class EncoderDecoder(nnx.Module):
 
   def __call__(self, batch, *, dropout_key=None):
     """batch: seqio EncDecFeatureConverter features -> logits [batch, dec_len, vocab]."""
-    k_enc, k_emb, k_layers, k_out = _split(dropout_key, 4)
+    k_enc, k_emb, k_layers, k_out = split_key(dropout_key, 4)
     encoded, enc_seg, enc_pos = self.encode(batch, k_enc)
-    seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
+    seg, pos = _segments_positions(batch, "decoder")
     to_layout, from_layout = ring_layout(self.cfg, seg.shape[1])
     seg, pos, tokens = map(to_layout, (seg, pos, batch["decoder_input_tokens"]))
     x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)
@@ -305,8 +299,8 @@ class DecoderOnly(nnx.Module):
 
   def __call__(self, batch, *, dropout_key=None):
     """batch: seqio decoder / prefix-LM features -> logits [batch, length, vocab]."""
-    k_emb, k_layers, k_out = _split(dropout_key, 3)
-    seg, pos = _segments_positions(batch, "decoder", batch["decoder_target_tokens"])
+    k_emb, k_layers, k_out = split_key(dropout_key, 3)
+    seg, pos = _segments_positions(batch, "decoder")
     to_layout, from_layout = ring_layout(self.cfg, seg.shape[1])
     seg, pos, tokens = map(to_layout, (seg, pos, batch["decoder_input_tokens"]))
     x = dropout(self.embed(tokens), self.cfg.dropout_rate, k_emb)

@@ -6,8 +6,24 @@ from jax.sharding import PartitionSpec
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
+# (logical name, mesh axis or axes): see `standard_logical_axis_rules`.
+_STANDARD_RULES = [
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", "sequence"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("expert", "expert"),
+    ("kv", None),
+    ("relpos_buckets", None),
+    ("layers", None),
+]
+
+
 @gin.configurable
-def standard_logical_axis_rules() -> list[tuple[str, str | tuple[str, ...] | None]]:
+def standard_logical_axis_rules(
+    additional_rules=()) -> list[tuple[str, str | tuple[str, ...] | None]]:
   """Default rules: (logical name, mesh axis or axes), first usable match wins.
 
   Within a rule, each mesh axis is kept unless an earlier dimension of the same
@@ -15,19 +31,31 @@ def standard_logical_axis_rules() -> list[tuple[str, str | tuple[str, ...] | Non
   a rule that keeps no axis falls through to the next rule of that name. Params
   are sharded over `fsdp` on `embed` and over `tensor` on heads/mlp/vocab;
   activations over `data`+`fsdp`+`expert` on batch and `sequence` on length.
+
+  `additional_rules` (gin) take precedence: a logical name they mention keeps only
+  their rules, in their order (so `('vocab', None)` replicates vocab), and a new
+  name is added; every other name keeps its standard rules.
   """
-  return [
-      ("batch", ("data", "fsdp", "expert")),
-      ("length", "sequence"),
-      ("vocab", "tensor"),
-      ("heads", "tensor"),
-      ("mlp", "tensor"),
-      ("embed", "fsdp"),
-      ("expert", "expert"),
-      ("kv", None),
-      ("relpos_buckets", None),
-      ("layers", None),
-  ]
+  additional = _checked_rules(additional_rules)
+  overridden = {name for name, _ in additional}
+  return additional + [rule for rule in _STANDARD_RULES if rule[0] not in overridden]
+
+
+def _checked_rules(rules) -> list[tuple[str, str | tuple[str, ...] | None]]:
+  """`rules` as (name, None | axis | tuple of axes) pairs; raises naming a malformed one."""
+  checked = []
+  for rule in rules:
+    valid = (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+             and (rule[1] is None or isinstance(rule[1], (str, tuple, list)))
+             and all(a in MESH_AXES for a in mesh_axes(rule[1])))
+    if not valid:
+      raise ValueError(
+          f"standard_logical_axis_rules.additional_rules has the rule {rule!r}; write each "
+          f"as (logical name, None | mesh axis | tuple of mesh axes) with mesh axes from "
+          f"{MESH_AXES}, e.g. ('vocab', None) or ('embed', ('fsdp', 'tensor')).")
+    name, axes = rule
+    checked.append((name, tuple(axes) if isinstance(axes, list) else axes))
+  return checked
 
 
 def mesh_axes(axes) -> tuple[str, ...]:

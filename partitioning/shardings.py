@@ -4,6 +4,7 @@ import contextlib
 import threading
 
 import jax
+import numpy as np
 import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,27 +61,59 @@ def param_specs(abstract_params, axes, mesh: Mesh, rules):
                       is_leaf=lambda x: x is None or isinstance(x, tuple))
 
 
-def _derived_spec(leaf, param, spec: PartitionSpec) -> PartitionSpec:
-  """The spec of an optimizer-state leaf that mirrors (or factors) a parameter."""
+_FACTORED_FIELDS = ("v_row", "v_col")  # optax Adafactor's factored second moments
+
+
+def _derived_spec(leaf, param, spec: PartitionSpec, field: str | None) -> PartitionSpec:
+  """The spec of an optimizer-state leaf that mirrors (or factors) a parameter; `field`
+  is the name of the state field that holds it (e.g. Adafactor's 'v_row')."""
   if not hasattr(leaf, "shape"):
     return PartitionSpec()
   full = tuple(spec) + (None,) * (len(param.shape) - len(spec))
   if leaf.shape == param.shape:
     return spec
   if leaf.ndim == param.ndim - 1:  # factored second moments drop one dim
-    for i in range(param.ndim):
-      if param.shape[:i] + param.shape[i + 1:] == leaf.shape:
-        return PartitionSpec(*(full[:i] + full[i + 1:]))
+    dropped = [i for i in range(param.ndim)
+               if param.shape[:i] + param.shape[i + 1:] == leaf.shape]
+    if field in _FACTORED_FIELDS and len(dropped) > 1:
+      # Equal sizes leave the shape ambiguous; optax's Adafactor drops the largest
+      # dimension for v_row and the second largest for v_col (its `_factored_dims`).
+      second, largest = (int(i) for i in np.argsort(param.shape)[-2:])
+      dropped = [largest if field == "v_row" else second]
+    if dropped:
+      i = dropped[0]
+      return PartitionSpec(*(full[:i] + full[i + 1:]))
   return PartitionSpec()
+
+
+class _ParamRef:
+  """A parameter and its spec, carried to the optimizer-state leaves that mirror it
+  (not a pytree, so `tree_map_with_path` sees it as one leaf)."""
+
+  def __init__(self, param=None, spec=None):
+    self.param, self.spec = param, spec
+
+
+def _field(path) -> str | None:
+  """The innermost attribute name on a state leaf's path, e.g. 'mu' or 'v_row'."""
+  names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+  return names[-1] if names else None
 
 
 def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, abstract_params,
                     specs):
-  """Optimizer-state specs: param-shaped leaves follow their parameter, the rest replicate."""
-  return optax.tree_map_params(
-      tx, lambda leaf, p, s: _derived_spec(leaf, p, s), abstract_opt_state,
-      abstract_params, specs, transform_non_params=lambda _: PartitionSpec(),
-      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  """Optimizer-state specs: param-shaped leaves follow their parameter, factored ones
+  drop the factored dimension's axis, the rest replicate."""
+  refs = optax.tree_map_params(
+      tx, lambda _, p, s: _ParamRef(p, s), abstract_opt_state, abstract_params, specs,
+      transform_non_params=lambda _: _ParamRef(), is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def spec(path, leaf, ref):
+    if ref.param is None:
+      return PartitionSpec()
+    return _derived_spec(leaf, ref.param, ref.spec, _field(path))
+
+  return jax.tree_util.tree_map_with_path(spec, abstract_opt_state, refs)
 
 
 def to_named(specs, mesh: Mesh):

@@ -8,7 +8,7 @@ decoding and scoring are in `ul2x.tasks.inference`.
 """
 
 from ul2x.tasks.pipeline import feature_lengths_for, get_dataset  # first: hides GPUs from TF
-from ul2x.tasks.registry import TASK_NAMES, UL2_MIXTURE_NAME, register_tasks
+from ul2x.tasks.default_tasks import TASK_NAMES, UL2_MIXTURE_NAME, register_tasks
 from ul2x.tasks.ul2 import register_ul2_mixture, ul2_mixing_rates
 from ul2x.tasks.finetune import register_finetune_task
 

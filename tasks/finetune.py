@@ -9,32 +9,14 @@ for any seqio `source` whose examples hold the two texts, then in gin (or
   prepend_mode_token.mode_token = '[S2S]'
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 import functools
 from typing import Any
 
-import gin
 import seqio
-import tensorflow as tf
 
-from ul2x.tasks import preprocessors, ul2
+from ul2x.tasks import preprocessors, registry
 from ul2x.tasks.vocabularies import PARADIGM_TOKENS
-
-
-@gin.configurable
-def prepend_mode_token(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
-                       mode_token: str | None = None) -> tf.data.Dataset:
-  """seqio preprocessor: `mode_token` ('[NLU]', '[NLG]' or '[S2S]') leads `inputs`.
-
-  UL2 mode switching: fine-tune with the paradigm token of the pretraining mode the
-  task resembles ([NLU] classification, [NLG] long generation, [S2S] sequence to
-  sequence). Chosen in gin when the task's registration left it open.
-  """
-  if mode_token is None:
-    raise ValueError(
-        "no mode token chosen for fine-tuning; set it in gin, e.g. "
-        f"--gin.prepend_mode_token.mode_token=\"'[NLU]'\" (one of {', '.join(PARADIGM_TOKENS)}).")
-  return preprocessors.prepend_paradigm_token(dataset, output_features, mode_token)
 
 
 def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
@@ -53,13 +35,13 @@ def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
   see `ul2x.tasks.metrics`).
   """
   if mode_token is None:
-    mode = prepend_mode_token
+    mode = preprocessors.prepend_mode_token
   elif mode_token in PARADIGM_TOKENS:
-    mode = functools.partial(preprocessors.prepend_paradigm_token, paradigm_token=mode_token)
+    mode = functools.partial(preprocessors.prepend_mode_token, mode_token=mode_token)
   else:
     raise ValueError(f"mode_token {mode_token!r} is not one of {', '.join(PARADIGM_TOKENS)}.")
-  return ul2.register_task(
-      name, source=source, output_features=ul2.output_features(vocabulary),
+  return registry.register_task(
+      name, source=source, output_features=registry.output_features(vocabulary),
       preprocessors=[
           functools.partial(seqio.preprocessors.rekey,
                             key_map={"inputs": inputs_key, "targets": targets_key}),

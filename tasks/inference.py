@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import seqio
 
+from ul2x.model.contract import contract_for, unpacked_segments_positions
 from ul2x.tasks import pipeline
 from ul2x.tasks.vocabularies import (PARADIGM_TOKENS, byte_vocabulary, decode_with_reserved,
                                      paradigm_token_id)
@@ -170,12 +171,6 @@ def _batches(rows: Sequence[Batch], batch_size: int) -> Iterator[tuple[Batch, in
            for key in chunk[0]}, len(chunk)
 
 
-def _check_architecture(architecture: str) -> None:
-  if architecture not in pipeline.ARCHITECTURES:
-    raise ValueError(f"architecture {architecture!r} is not supported; use one of "
-                     f"{pipeline.ARCHITECTURES}.")
-
-
 def _inputs(example: Example, architecture: str) -> np.ndarray:
   if "inputs" not in example:
     raise ValueError(f"architecture {architecture!r} needs examples with 'inputs'; this one "
@@ -213,17 +208,16 @@ def predict_batches(examples: Sequence[Example], *, architecture: str,
   all 0 for examples without inputs (a causal LM; a 'prompt' of `file_examples` is laid
   out like inputs but read causally).
   """
-  _check_architecture(architecture)
+  contract_for(architecture)  # raises for an unknown architecture
   inputs_length = task_feature_lengths.get("inputs", 0)
   rows = [_prompt(ex, architecture, inputs_length) for ex in examples]
   return _batches(rows, batch_size)
 
 
 def _segments(stack: str, tokens: np.ndarray) -> Batch:
-  """`pipeline._with_segment_ids` for one row: segment ids 1 on tokens, positions 0.."""
-  segment_ids = (tokens != 0).astype(np.int32)
-  return {f"{stack}_segment_ids": segment_ids,
-          f"{stack}_positions": np.arange(len(tokens), dtype=np.int32) * segment_ids}
+  """`pipeline._with_segment_ids` for one row."""
+  segment_ids, positions = unpacked_segments_positions(tokens, np)
+  return {f"{stack}_segment_ids": segment_ids, f"{stack}_positions": positions}
 
 
 def _teacher_forced(example: Example, architecture: str,
@@ -266,7 +260,7 @@ def score_batches(examples: Sequence[Example], *, architecture: str,
   `*_positions`, each [b, feature_lengths_for(architecture, task_feature_lengths)[key]].
   The last batch is filled with all-zero rows (loss weight 0) up to `batch_size`.
   """
-  _check_architecture(architecture)
+  contract_for(architecture)  # raises for an unknown architecture
   rows = [_teacher_forced(ex, architecture, task_feature_lengths) for ex in examples]
   return _batches(rows, batch_size)
 

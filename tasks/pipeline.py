@@ -11,28 +11,27 @@ except (RuntimeError, ValueError):  # TF was initialised before this import: not
   pass
 
 import seqio  # noqa: E402  (after the GPU is hidden)
+import tensorflow.experimental.numpy as tnp  # noqa: E402
 
-ARCHITECTURES = ("encoder_decoder", "decoder_only")
+from ul2x.model.contract import (  # noqa: E402
+    STACK_TOKENS, contract_for, unpacked_segments_positions)
 
 
 def feature_converter(architecture: str, pack: bool = True,
                       has_inputs: bool = True) -> seqio.FeatureConverter:
-  """seqio's converter for `architecture` and a task with or without `inputs`.
+  """seqio's converter for `architecture` and a task with or without `inputs`, as
+  model/contract.py names it.
 
   encoder_decoder: EncDec (needs inputs). decoder_only: PrefixLM (inputs a bidirectional
   prefix, loss on targets only) when the task has inputs, else the fully causal LM
   converter (no `decoder_causal_attention`, loss on every token).
   """
-  if architecture == "encoder_decoder":
-    if not has_inputs:
-      raise ValueError("architecture 'encoder_decoder' needs a task with 'inputs'; use "
-                       "architecture 'decoder_only' for a targets-only (causal LM) task.")
-    return seqio.EncDecFeatureConverter(pack=pack)
-  if architecture == "decoder_only":
-    if has_inputs:
-      return seqio.PrefixLMFeatureConverter(pack=pack)
-    return seqio.LMFeatureConverter(pack=pack)
-  raise ValueError(f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}.")
+  contract = contract_for(architecture)
+  name = contract.converter if has_inputs else contract.lm_converter
+  if name is None:
+    raise ValueError(f"architecture {architecture!r} needs a task with 'inputs'; use "
+                     "architecture 'decoder_only' for a targets-only (causal LM) task.")
+  return getattr(seqio, name)(pack=pack)
 
 
 def feature_lengths_for(architecture: str,
@@ -65,14 +64,14 @@ def check_feature_lengths(provider: seqio.DatasetProviderBase,
 
 
 def _with_segment_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  """Adds the packed layout's `*_segment_ids` (1 token, 0 padding) and `*_positions`
-  to an unpacked batch, so the model sees the same features either way. [batch, len]."""
+  """Adds the packed layout's `*_segment_ids` and `*_positions` to an unpacked batch
+  (model/contract.py's `unpacked_segments_positions`), so the model sees the same
+  features either way. [batch, len]."""
   batch = dict(batch)
-  for stack, tokens in (("encoder", "encoder_input_tokens"), ("decoder", "decoder_target_tokens")):
+  for stack, tokens in STACK_TOKENS.items():
     if tokens in batch:
-      segment_ids = tf.cast(batch[tokens] != 0, tf.int32)
-      batch[f"{stack}_segment_ids"] = segment_ids
-      batch[f"{stack}_positions"] = tf.range(tf.shape(segment_ids)[1])[tf.newaxis] * segment_ids
+      batch[f"{stack}_segment_ids"], batch[f"{stack}_positions"] = (
+          unpacked_segments_positions(batch[tokens], tnp))
   return batch
 
 

@@ -22,11 +22,13 @@ import functools
 import logging
 import zlib
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from ul2x.tasks.vocabularies import num_sentinels_of, paradigm_token_id, sentinel_id
+from ul2x.tasks.vocabularies import (PARADIGM_TOKENS, num_sentinels_of, paradigm_token_id,
+                                     sentinel_id)
 
 # Statistics further than this from the configured ones get a warning at pipeline build.
 _STATISTICS_TOLERANCE = 0.05
@@ -328,14 +330,22 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                      paradigm_token, salt=_describe("prefix_lm", paradigm_token))
 
 
-def prepend_paradigm_token(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
-                           paradigm_token: str) -> tf.data.Dataset:
-  """Puts the id of `paradigm_token` ('[NLU]', '[NLG]' or '[S2S]') in front of `inputs`.
+@gin.configurable
+def prepend_mode_token(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                       mode_token: str | None = None) -> tf.data.Dataset:
+  """Puts the id of `mode_token` ('[NLU]', '[NLG]' or '[S2S]') in front of `inputs`.
 
-  For fine-tuning with UL2 mode switching; apply after tokenizing. inputs: [n] -> [n + 1].
+  UL2 mode switching: fine-tune with the paradigm token of the pretraining mode the
+  task resembles ([NLU] classification, [NLG] long generation, [S2S] sequence to
+  sequence). Apply after tokenizing; inputs: [n] -> [n + 1]. `mode_token` is passed
+  by the task's registration or, when that leaves it open, chosen in gin.
   """
+  if mode_token is None:
+    raise ValueError(
+        "no mode token chosen for fine-tuning; set it in gin, e.g. "
+        f"--gin.prepend_mode_token.mode_token=\"'[NLU]'\" (one of {', '.join(PARADIGM_TOKENS)}).")
   vocab = output_features["inputs"].vocabulary
-  token_id = paradigm_token_id(vocab, paradigm_token)
+  token_id = paradigm_token_id(vocab, mode_token)
 
   @tf.autograph.experimental.do_not_convert
   def prepend(ex):

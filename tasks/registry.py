@@ -1,63 +1,59 @@
-"""The ul2x seqio tasks: over the embedded corpus `ul2x_span_corruption`, `ul2x_prefix_lm`,
-the causal LM `ul2x_lm` and the UL2 mixture `ul2x_ul2` with its seven member tasks
-`ul2x_ul2_<denoiser>`; and the synthetic, learnable seq2seq task `ul2x_reverse`."""
+"""Generic seqio registration helpers: output features and (re-)registering a task, a
+denoising task or a plain causal LM task over any seqio source. The tasks ul2x ships are in
+`default_tasks.py`, the UL2 mixture of denoisers in `ul2.py`."""
 
+from collections.abc import Callable, Sequence
 import functools
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
-from ul2x.tasks import finetune, metrics, preprocessors, ul2
-from ul2x.tasks.corpus import SPLITS, corpus_lines
-from ul2x.tasks.ul2 import output_features  # noqa: F401  (part of this module's API)
-
-UL2_MIXTURE_NAME = "ul2x_ul2"
-TASK_NAMES = ("ul2x_span_corruption", "ul2x_prefix_lm", "ul2x_lm", "ul2x_reverse") + tuple(
-    f"{UL2_MIXTURE_NAME}_{d.name}" for d in ul2.UL2_DENOISERS)
-# ul2x_reverse: split -> (examples, seed). Its strings are REVERSE_LETTERS, 2 to 6 long.
-REVERSE_SPLITS = {"train": (20_000, 0), "validation": (200, 1), "test": (200, 2)}
-REVERSE_LETTERS = "abcdefghij"
+from ul2x.tasks import preprocessors
+from ul2x.tasks.vocabularies import byte_vocabulary
 
 
-def corpus_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-  """`{'text': tf.string []}` per paragraph of the corpus split (never empty).
+def output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+  """`inputs` and `targets`: int32 ids of `vocabulary` (default: bytes), EOS appended."""
+  vocabulary = vocabulary or byte_vocabulary()
+  return {key: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
+          for key in ("inputs", "targets")}
 
-  Shuffled in full only when `seed` is given: seqio shards this dataset afterwards,
-  and hosts sharding differently shuffled streams would read overlapping examples.
+
+def register_task(name: str, *, metric_fns: Sequence[Callable[..., dict]] = (),
+                  **kwargs) -> seqio.Task:
+  """`seqio.TaskRegistry.add(name, metric_fns=..., **kwargs)`, replacing a task `name`."""
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, metric_fns=list(metric_fns), **kwargs)
+
+
+def register_denoising_task(name: str, source: seqio.DataSourceInterface,
+                            denoiser: Callable[..., tf.data.Dataset], *, text_key: str = "text",
+                            vocabulary: seqio.Vocabulary | None = None,
+                            shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> seqio.Task:
+  """Registers (replacing) task `name`: text `text_key` from `source`, tokenized,
+  `denoiser` (a denoiser of `preprocessors`), EOS; examples are shuffled in a buffer of
+  `shuffle_buffer_size`."""
+  return register_task(
+      name, source=source, output_features=output_features(vocabulary),
+      preprocessors=[functools.partial(preprocessors.tokenize_text, text_key=text_key), denoiser,
+                     seqio.preprocessors.append_eos_after_trim],
+      shuffle_buffer_size=shuffle_buffer_size)
+
+
+def register_lm_task(name: str, source: seqio.DataSourceInterface, *, text_key: str = "text",
+                     vocabulary: seqio.Vocabulary | None = None,
+                     shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> seqio.Task:
+  """Registers (replacing) a plain causal LM task `name`: text `text_key` from `source`,
+  tokenized and cut into chunks of the targets length (`preprocessors.lm_chunks`).
+
+  Its only feature is `targets` (no EOS appended), so decoder-only models train on it
+  fully causally; pass task_feature_lengths={'targets': ...}.
   """
-  lines = corpus_lines(split)
-  ds = tf.data.Dataset.from_tensor_slices({"text": lines})
-  if shuffle_files and seed is not None:
-    ds = ds.shuffle(len(lines), seed=seed)
-  return ds
-
-
-@functools.cache
-def reverse_strings(split: str) -> tuple[str, ...]:
-  """The inputs of `ul2x_reverse`'s `split`: random strings, the same on every call."""
-  count, seed = REVERSE_SPLITS[split]
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(2, 7, size=count)
-  letters = rng.integers(0, len(REVERSE_LETTERS), size=(count, 6))
-  return tuple("".join(REVERSE_LETTERS[j] for j in row[:n]) for row, n in zip(letters, lengths))
-
-
-def reverse_dataset(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-  """`{'inputs', 'targets': tf.string []}`: a string of `reverse_strings(split)` and its reverse."""
-  del shuffle_files, seed  # the strings are random already; seqio's buffer shuffles the rest
-  strings = reverse_strings(split)
-  return tf.data.Dataset.from_tensor_slices(
-      {"inputs": list(strings), "targets": [s[::-1] for s in strings]})
-
-
-def register_tasks() -> None:
-  """Registers (or re-registers, replacing) the tasks in `TASK_NAMES` and `ul2x_ul2`."""
-  source = seqio.FunctionDataSource(corpus_dataset, splits=SPLITS)
-  ul2.register_denoising_task("ul2x_span_corruption", source, preprocessors.span_corruption)
-  ul2.register_denoising_task("ul2x_prefix_lm", source, preprocessors.prefix_lm)
-  ul2.register_lm_task("ul2x_lm", source)
-  finetune.register_finetune_task(
-      "ul2x_reverse", seqio.FunctionDataSource(reverse_dataset, splits=tuple(REVERSE_SPLITS)),
-      mode_token="[S2S]", postprocess_fn=metrics.as_text, metric_fns=[metrics.exact_match])
-  ul2.register_ul2_mixture(UL2_MIXTURE_NAME, source)
+  vocabulary = vocabulary or byte_vocabulary()
+  return register_task(
+      name, source=source,
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+      preprocessors=[functools.partial(preprocessors.tokenize_text, text_key=text_key),
+                     preprocessors.lm_chunks],
+      shuffle_buffer_size=shuffle_buffer_size)

@@ -1,6 +1,5 @@
 """The UL2 mixture of denoisers: the seven denoisers, their mixing rates (gin), and
-one call that registers a UL2 mixture over any seqio source (and one that registers a
-plain causal LM task beside it).
+one call that registers a UL2 mixture over any seqio source.
 
   import seqio
   from ul2x.tasks import ul2
@@ -19,7 +18,7 @@ import seqio
 import tensorflow as tf
 
 from ul2x.tasks import preprocessors
-from ul2x.tasks.vocabularies import byte_vocabulary
+from ul2x.tasks.registry import register_denoising_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,53 +76,6 @@ def ul2_mixing_rates(rates: Mapping[str, float] | None = None) -> dict[str, floa
     raise ValueError(f"ul2_mixing_rates {merged} must be >= 0 with a positive sum; "
                      "fix ul2_mixing_rates.rates.")
   return merged
-
-
-def output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
-  """`inputs` and `targets`: int32 ids of `vocabulary` (default: bytes), EOS appended."""
-  vocabulary = vocabulary or byte_vocabulary()
-  return {key: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
-          for key in ("inputs", "targets")}
-
-
-def register_task(name: str, *, metric_fns: Sequence[Callable[..., dict]] = (),
-                  **kwargs) -> seqio.Task:
-  """`seqio.TaskRegistry.add(name, metric_fns=..., **kwargs)`, replacing a task `name`."""
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(name, metric_fns=list(metric_fns), **kwargs)
-
-
-def register_denoising_task(name: str, source: seqio.DataSourceInterface,
-                            denoiser: Callable[..., tf.data.Dataset], *, text_key: str = "text",
-                            vocabulary: seqio.Vocabulary | None = None,
-                            shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> seqio.Task:
-  """Registers (replacing) task `name`: text `text_key` from `source`, tokenized,
-  `denoiser` (a denoiser of `preprocessors`), EOS; examples are shuffled in a buffer of
-  `shuffle_buffer_size`."""
-  return register_task(
-      name, source=source, output_features=output_features(vocabulary),
-      preprocessors=[functools.partial(preprocessors.tokenize_text, text_key=text_key), denoiser,
-                     seqio.preprocessors.append_eos_after_trim],
-      shuffle_buffer_size=shuffle_buffer_size)
-
-
-def register_lm_task(name: str, source: seqio.DataSourceInterface, *, text_key: str = "text",
-                     vocabulary: seqio.Vocabulary | None = None,
-                     shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE) -> seqio.Task:
-  """Registers (replacing) a plain causal LM task `name`: text `text_key` from `source`,
-  tokenized and cut into chunks of the targets length (`preprocessors.lm_chunks`).
-
-  Its only feature is `targets` (no EOS appended), so decoder-only models train on it
-  fully causally; pass task_feature_lengths={'targets': ...}.
-  """
-  vocabulary = vocabulary or byte_vocabulary()
-  return register_task(
-      name, source=source,
-      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
-      preprocessors=[functools.partial(preprocessors.tokenize_text, text_key=text_key),
-                     preprocessors.lm_chunks],
-      shuffle_buffer_size=shuffle_buffer_size)
 
 
 def register_ul2_mixture(name: str, source: seqio.DataSourceInterface, *, text_key: str = "text",

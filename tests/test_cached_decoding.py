@@ -26,6 +26,9 @@ CONFIGS = {
     "moe_encoder_decoder_scanned": dataclasses.replace(MOE, scan_layers=True),
     "decoder_only_rope_prefix_lm": DO,
     "decoder_only_relative_causal": dataclasses.replace(DO, position="relative"),
+    # Dropless routing never drops, so it decodes exactly even at a small capacity factor.
+    "moe_dropless": dataclasses.replace(MOE, capacity_factor=0.5, moe_dispatch="dropless",
+                                        encoder_router="top2"),
 }
 MAX_LEN = 10
 

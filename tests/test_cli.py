@@ -67,12 +67,12 @@ def test_unwritable_model_dir_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["coordinator", "peer"])
-def test_a_process_that_never_joins_is_one_line_within_the_timeout(index):
+def test_a_process_that_never_joins_is_one_line_within_the_timeout(index, tmp_path):
   with socket.socket() as s:  # a free local port: nobody else is the coordinator
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   start = time.monotonic()
-  result = train_cli(*BASE, "--gin.MODEL_DIR='/nonexistent'", "--process_count=2",
+  result = train_cli(*BASE, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--process_count=2",
                      f"--process_index={index}", f"--coordinator_address=127.0.0.1:{port}",
                      "--distributed_timeout=3")
   line = _error_line(result)

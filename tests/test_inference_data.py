@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import ul2x.tasks
-from ul2x.tasks import inference, metrics, pipeline, registry, vocabularies
+from ul2x.tasks import default_tasks, inference, metrics, pipeline, vocabularies
 
 VOCAB = vocabularies.byte_vocabulary()
 S2S = vocabularies.paradigm_token_id(VOCAB, "[S2S]")
@@ -28,7 +28,7 @@ def test_reverse_task_examples_are_reversals_led_by_the_mode_token():
     assert ex["inputs"][0] == S2S and ex["inputs"][-1] == VOCAB.eos_id
     assert ex["targets"][-1] == VOCAB.eos_id
     text = VOCAB.decode(ex["inputs"][1:].tolist())
-    assert 2 <= len(text) <= 6 and set(text) <= set(registry.REVERSE_LETTERS)
+    assert 2 <= len(text) <= 6 and set(text) <= set(default_tasks.REVERSE_LETTERS)
     assert VOCAB.decode(ex["targets"].tolist()) == text[::-1]
     assert ex["inputs_pretokenized"] == "[S2S]" + text
     assert ex["targets_pretokenized"] == text[::-1]
@@ -36,7 +36,7 @@ def test_reverse_task_examples_are_reversals_led_by_the_mode_token():
   assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(examples, again))
   test = [ex["inputs_pretokenized"] for ex in _reverse_examples(50, "test")]
   assert test != [ex["inputs_pretokenized"] for ex in examples]
-  assert len(registry.reverse_strings("train")) == 20_000
+  assert len(default_tasks.reverse_strings("train")) == 20_000
 
 
 def test_task_examples_bad_names_raise():

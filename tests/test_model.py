@@ -1,13 +1,17 @@
 """Model shapes, masking (padding, packing, causality, prefix-LM) and layer-stack variants."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ul2x.model import TransformerConfig, build_model
-from ul2x.model.attention import attention_mask, dot_product_attention
+from ul2x.model import TransformerConfig, build_model, layers
+from ul2x.kernels.attention_inputs import Tokens, visible
+from ul2x.model.attention import dot_product_attention
+from ul2x.model.contract import unpacked_segments_positions
 from ul2x.model.position import relative_position_bucket
 
 SMALL = dict(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
@@ -50,10 +54,15 @@ def test_shapes_and_dtypes(encdec, causal_lm):
   assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
 
 
-def test_bfloat16_activations_keep_float32_logits():
+def test_bfloat16_activations_keep_float32_logits(encdec):
+  """Same params (float32 either way), bfloat16 activations: float32 logits that equal the
+  float32 model's within a few bfloat16 rounding steps (2^-8 relative) of the largest."""
   model = make(dtype="bfloat16")
-  out = run(model, encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8))))
+  batch = encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8)))
+  out = run(model, batch)
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  want = np.asarray(run(encdec, batch))
+  np.testing.assert_allclose(out, want, rtol=0, atol=8 * 2.0 ** -8 * np.abs(want).max())
 
 
 def test_padding_does_not_change_outputs(encdec):
@@ -115,10 +124,12 @@ def _stack_layers(list_params, n):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *[list_params[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
-def test_scan_and_remat_match_the_layer_list(architecture):
+@pytest.mark.parametrize("architecture,remat", [("encoder_decoder", True),
+                                               ("decoder_only", True),
+                                               ("decoder_only", "dots_saveable")])
+def test_scan_and_remat_match_the_layer_list(architecture, remat):
   listed = make(architecture=architecture)
-  scanned = make(architecture=architecture, scan_layers=True, remat=True)
+  scanned = make(architecture=architecture, scan_layers=True, remat=remat)
   params = nnx.to_pure_dict(nnx.state(listed))
   scan_params = dict(params)
   for stack in ("encoder", "decoder"):
@@ -142,9 +153,18 @@ def test_scan_and_remat_match_the_layer_list(architecture):
 def test_attention_mask_semantics():
   seg = jnp.array([[1, 1, 2, 0]])
   pos = jnp.array([[0, 1, 0, 0]])
-  mask = attention_mask(seg, seg, pos, pos, causal=True)[0, 0]
+  mask = visible(Tokens(seg, pos), Tokens(seg, pos), causal=True)[0]
   expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
   np.testing.assert_array_equal(mask, expected)
+
+
+def test_unpacked_segments_positions_are_those_of_packing():
+  tokens = np.array([[5, 6, 7, 0, 0], [8, 0, 0, 0, 0]], np.int32)
+  for xp in (np, jnp):
+    seg, pos = unpacked_segments_positions(xp.asarray(tokens), xp)
+    np.testing.assert_array_equal(seg, [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0]])
+    assert seg.dtype == pos.dtype == np.int32
 
 
 def test_reference_attention_matches_softmax_formula():
@@ -158,6 +178,36 @@ def test_reference_attention_matches_softmax_formula():
   np.testing.assert_allclose(out[0], np.einsum("hqk,khd->qhd", weights, v[0]), rtol=1e-5)
 
 
+def t5_bucket(relative_position: int, bidirectional: bool, num_buckets: int,
+              max_distance: int) -> int:
+  """T5's `_relative_position_bucket` (mesh_tensorflow / t5.models) for one int, in
+  plain Python: the reference the jnp version is held to."""
+  bucket, n = 0, -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    bucket += num_buckets if n < 0 else 0
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return bucket + n
+  large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact)
+                          * (num_buckets - max_exact))
+  return bucket + min(large, num_buckets - 1)
+
+
+# relative position (key - query) -> bucket for 32 buckets, max_distance 128, worked by hand:
+# bidirectional: 16 per direction (keys after the query from 16), exact below 8, then
+# 8 + floor(ln(n / 8) / ln(16) * 8), at most 15; e.g. n=50: ln 6.25 / ln 16 * 8 = 5.29 -> 13.
+GOLDEN_BIDIRECTIONAL = {0: 0, -1: 1, -7: 7, 1: 17, 7: 23, -8: 8, 8: 24, -20: 10, 20: 26,
+                        -50: 13, 50: 29, -100: 15, -127: 15, -200: 15, 200: 31, 1000: 31}
+# unidirectional: keys after the query all 0, exact below 16, then
+# 16 + floor(ln(n / 16) / ln(8) * 16), at most 31; e.g. n=50: ln 3.125 / ln 8 * 16 = 8.77 -> 24.
+GOLDEN_UNIDIRECTIONAL = {0: 0, 5: 0, 200: 0, -1: 1, -15: 15, -16: 16, -20: 17, -50: 24,
+                         -100: 30, -127: 31, -200: 31, -1000: 31}
+
+
 def test_relative_position_buckets():
   rel = jnp.arange(-200, 201)
   bi = relative_position_bucket(rel, True, 32, 128)
@@ -166,6 +216,16 @@ def test_relative_position_buckets():
   assert int(uni[rel > 0].max()) == 0  # future keys share bucket 0 one-directionally
   assert bool(jnp.all(jnp.diff(uni[rel <= 0]) <= 0))  # farther past -> larger bucket
   assert int(bi[200]) == 0 and int(bi[201]) != int(bi[199])  # sign is distinguished
+  for golden, bidirectional in ((GOLDEN_BIDIRECTIONAL, True), (GOLDEN_UNIDIRECTIONAL, False)):
+    got = relative_position_bucket(jnp.array(list(golden)), bidirectional, 32, 128)
+    assert dict(zip(golden, got.tolist())) == golden, bidirectional
+  wide = np.arange(-1000, 1001)  # past max_distance on both sides
+  for bidirectional in (True, False):
+    for num_buckets, max_distance in ((32, 128), (16, 64), (64, 256)):
+      want = [t5_bucket(int(r), bidirectional, num_buckets, max_distance) for r in wide]
+      got = relative_position_bucket(jnp.asarray(wide), bidirectional, num_buckets,
+                                     max_distance)
+      np.testing.assert_array_equal(got, want, err_msg=f"{bidirectional} {num_buckets}")
 
 
 def test_config_rejects_bad_values():
@@ -173,3 +233,25 @@ def test_config_rejects_bad_values():
     TransformerConfig(activation="relu")
   with pytest.raises(ValueError, match="rope"):
     TransformerConfig(position="rope")
+
+
+@pytest.mark.parametrize("n_in,in_shape,out_shape", [(1, (6,), (10,)), (1, (10,), (6,)),
+                                                      (2, (2, 3), (5,))])
+def test_dense_contract_gradients_equal_autodiff(n_in, in_shape, out_shape):
+  """Dense's CPU matmul (layers.contract, a custom VJP that transposes the narrower
+  operand itself) has the outputs and gradients of plain tensordot autodiff."""
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (3, 4, *in_shape))
+  kernel = jax.random.normal(kk, (*in_shape, *out_shape))
+  g = jax.random.normal(kg, (3, 4, *out_shape))
+  outs = {}
+  for name, fn in (("fast", layers.contract), ("plain", layers._contract)):
+    y, vjp = jax.vjp(lambda a, b, fn=fn: fn(a, b, n_in), x, kernel)
+    outs[name] = (y, *vjp(g))
+  for fast, plain in zip(outs["fast"], outs["plain"]):
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_remat_policy_is_one_clear_error():
+  with pytest.raises(ValueError, match="remat='dots'.*dots_saveable"):
+    TransformerConfig(remat="dots")

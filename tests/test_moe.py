@@ -10,8 +10,9 @@ from flax import nnx
 from ul2x import partitioning
 from ul2x.model import TransformerConfig, build_model
 from ul2x.model.flops import training_flops_per_example
-from ul2x.model.moe import (MoeMLP, group_layout, pop_router_metrics, to_groups,
-                            upcycle_dense_params)
+from ul2x.model.moe import MoeMLP, group_layout, to_groups
+from ul2x.trainer.router_metrics import pop_router_metrics
+from ul2x.trainer.upcycling import upcycle_dense_params
 
 LAYER = dict(emb_dim=16, mlp_dim=32, num_experts=4, capacity_factor=1.0)
 MODEL = dict(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
@@ -253,6 +254,21 @@ def test_expert_parallel_with_fewer_groups_than_shards():
 
   np.testing.assert_allclose(jax.jit(run)(state, x),
                              jax.jit(lambda s, x: run(s, x, RULES))(state, x), atol=1e-5)
+
+
+def test_expert_parallel_plan_follows_fallback_rules():
+  """A first 'expert' rule on a size-1 axis falls through to the next, as for parameters:
+  the plan shards experts where the expert kernels are, and checks divisibility there."""
+  mesh = partitioning.create_mesh(data=2, expert=4)
+  rules = [("expert", "tensor")] + RULES
+  plan = partitioning.expert_parallel_plan(mesh, rules, groups=8, num_experts=8, hidden=32)
+  spec = partitioning.logical_to_spec(("expert", "embed", "mlp"), rules, dict(mesh.shape),
+                                      (8, 16, 32))
+  assert plan.expert_axes == partitioning.mesh_axes(spec[0]) == ("expert",)
+  assert plan.exchange == "all_to_all" and "expert" in plan.batch_axes
+  with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by 4, the size of the "
+                                       r"mesh axes \('expert',\)"):
+    partitioning.expert_parallel_plan(mesh, rules, groups=8, num_experts=6, hidden=32)
 
 
 # ---- causality ---------------------------------------------------------------------------

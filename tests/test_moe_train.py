@@ -14,7 +14,7 @@ from flax import nnx
 import ul2x.tasks  # noqa: F401  registers the default tasks
 from ul2x import partitioning
 from ul2x.model import TransformerConfig, build_model
-from ul2x.trainer import loop
+from ul2x.trainer import loop, upcycling
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
@@ -94,7 +94,7 @@ def test_train_job_upcycles_a_dense_checkpoint_and_logs_router_metrics(tmp_path,
               task_feature_lengths={"inputs": 32, "targets": 16}, log_every=1, eval_every=0,
               async_checkpointing=False)
   with pytest.raises(ValueError, match="init_from_dense_checkpoint=.* holds no checkpoint"):
-    loop._dense_params(str(tmp_path / "nowhere"))
+    upcycling._dense_params(str(tmp_path / "nowhere"))
   metrics = loop.train(model_dir=str(tmp_path / "moe"), train_steps=2,
                           init_from_dense_checkpoint=str(tmp_path / "dense"), **args)
   out = capsys.readouterr().out

@@ -13,20 +13,21 @@ from flax import nnx
 
 from ul2x import partitioning
 from ul2x.kernels import ring_attention as ring
+from ul2x.kernels.attention_inputs import PositionBias, Tokens
 from ul2x.model import build_model
 from ul2x.model.attention import dot_product_attention, ring_dot_product_attention
-from ul2x.model.position import RelativeBias, apply_rope
+from ul2x.model.position import T5BucketBias, apply_rope
 from train_utils import TINY, loss_and_grads
 
 B, L, H, D = 2, 32, 2, 8
 RULES = partitioning.standard_logical_axis_rules()
 MESHES = {2: dict(data=2, sequence=2, tensor=2), 4: dict(data=2, sequence=4), 8: dict(sequence=8)}
-# causal, bias (None or RelativeBias.bidirectional), RoPE on q and k.
+# causal, bias (None or T5BucketBias.bidirectional), RoPE on q and k.
 VARIANTS = {"bidirectional": (False, True, False), "causal": (True, False, False),
             "causal_rope": (True, None, True)}
 
 
-def _tokens(kind: str) -> ring.Tokens:
+def _tokens(kind: str) -> Tokens:
   """Segment ids, positions (restarting per segment) and prefix flags, [B, L] each."""
   seg = np.ones((B, L), np.int32)
   if "packed" in kind:  # two segments and trailing padding in each row
@@ -37,7 +38,7 @@ def _tokens(kind: str) -> ring.Tokens:
       np.where(np.diff(seg, axis=1, prepend=-1) != 0, np.arange(L), 0), axis=1)
   pos = np.arange(L) - starts
   prefix = ((pos < 6) & (seg > 0)) if "prefix" in kind else np.zeros((B, L), bool)
-  return ring.Tokens(jnp.asarray(seg), jnp.asarray(pos, jnp.int32),
+  return Tokens(jnp.asarray(seg), jnp.asarray(pos, jnp.int32),
                      jnp.asarray(prefix, jnp.int32))
 
 
@@ -53,7 +54,7 @@ def _attention(attention_fn, variant, q, k, v, table, tok):
     q, k = apply_rope(q, tok.positions), apply_rope(k, tok.positions)
   bias = None
   if bidirectional is not None:
-    bias = ring.PositionBias(table, RelativeBias(32, 128, bidirectional))
+    bias = PositionBias(table, T5BucketBias(32, 128, bidirectional))
   prefix = tok.prefix if variant == "causal" else None
   return attention_fn(q, k, v, q_segment_ids=tok.segment_ids, kv_segment_ids=tok.segment_ids,
                       q_positions=tok.positions, kv_positions=tok.positions, causal=causal,
@@ -158,7 +159,7 @@ def test_no_per_device_array_spans_two_sequence_blocks():
   length, n = 64, 4
   q, k, v, ct, table = (jnp.concatenate([x, x], axis=1) if x.ndim == 4 else x
                         for x in _inputs())
-  tok = ring.Tokens(*(jnp.tile(x, (1, 2)) for x in _tokens("packed_prefix")))
+  tok = Tokens(*(jnp.tile(x, (1, 2)) for x in _tokens("packed_prefix")))
   mesh = partitioning.create_mesh(**MESHES[n])
 
   def loss(q, k, v, table):
@@ -180,13 +181,13 @@ def test_ring_holds_one_key_value_block_in_transit():
   head_dim]. Double-buffered blocks, or a copy of the block per tile step, exceed it."""
   n, block, heads, dim = 8, 32768, 1, 128  # 16 MiB per float32 block; tiles of 512
   mesh = partitioning.create_mesh(sequence=n)
-  bias = RelativeBias(32, 128, False)
+  bias = T5BucketBias(32, 128, False)
 
   def loss(q, k, v, table, ct, seg, pos):
     with partitioning.axis_rules(mesh, RULES):
       out = ring_dot_product_attention(
           q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
-          kv_positions=pos, causal=True, bias=ring.PositionBias(table, bias))
+          kv_positions=pos, causal=True, bias=PositionBias(table, bias))
     return jnp.sum(out * ct)
 
   x = jax.ShapeDtypeStruct((1, n * block, heads, dim), jnp.float32)

@@ -5,7 +5,7 @@ import pytest
 import seqio
 
 import ul2x.tasks
-from ul2x.tasks import corpus, preprocessors, registry, vocabularies
+from ul2x.tasks import corpus, default_tasks, preprocessors, ul2, vocabularies
 
 SMALL = {"inputs": 64, "targets": 32}
 VOCAB = vocabularies.byte_vocabulary()
@@ -188,7 +188,31 @@ def test_bad_names_raise_listing_choices():
     ul2x.tasks.feature_lengths_for("gpt", SMALL)
 
 
+def _first_reverse_example() -> dict:
+  task = seqio.get_mixture_or_task("ul2x_reverse")
+  ds = task.get_dataset({"inputs": 8, "targets": 8}, split="validation", shuffle=False,
+                        use_cached=False)
+  return next(ds.as_numpy_iterator())
+
+
 def test_registration_is_idempotent():
-  registry.register_tasks()
-  registry.register_tasks()
-  assert set(registry.TASK_NAMES) <= set(seqio.TaskRegistry.names())
+  """Registering again replaces: exactly the default tasks and mixture stay registered,
+  each once, the mixture holds the tasks registered now, and the examples do not change."""
+  before = _first_reverse_example()
+  default_tasks.register_tasks()
+  first = {name: seqio.TaskRegistry.get(name) for name in default_tasks.TASK_NAMES}
+  default_tasks.register_tasks()
+  ours = {name for name in seqio.TaskRegistry.names() if name.startswith("ul2x_")}
+  assert ours == set(default_tasks.TASK_NAMES)
+  assert [n for n in seqio.MixtureRegistry.names() if n.startswith("ul2x_")] == [
+      default_tasks.UL2_MIXTURE_NAME]
+  for name in default_tasks.TASK_NAMES:
+    assert seqio.TaskRegistry.get(name) is not first[name], name  # replaced, not kept
+  mixture = seqio.get_mixture_or_task(default_tasks.UL2_MIXTURE_NAME)
+  members = [f"{default_tasks.UL2_MIXTURE_NAME}_{d.name}" for d in ul2.UL2_DENOISERS]
+  assert [t.name for t in mixture.tasks] == sorted(members)
+  assert all(t is seqio.TaskRegistry.get(t.name) for t in mixture.tasks)
+  after = _first_reverse_example()
+  assert before.keys() == after.keys()
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key])

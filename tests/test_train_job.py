@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import gin
 import jax
@@ -13,8 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ul2x.tasks  # noqa: F401  registers the default tasks
-from ul2x.trainer.loop import train
 from ul2x.model import TransformerConfig
+from ul2x.model.flops import training_flops_per_example
+from ul2x.trainer import loop
+from ul2x.trainer.loop import train
 
 CFG = TransformerConfig(emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
                         num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1)
@@ -36,10 +39,17 @@ def saved(model_dir, step):
   return jax.device_get(restored["state"]), restored["data"]
 
 
+PEAK_FLOPS = 1e9  # per device, in place of the measured matmul rate, so MFU can be checked
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("straight")
-  metrics = run(model_dir, 8)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, "peak_flops_per_device", lambda: PEAK_FLOPS)
+    start = time.perf_counter()
+    metrics = run(model_dir, 8, profile_steps=(2, 3))
+    metrics["wall_time"] = time.perf_counter() - start
   return model_dir, metrics
 
 
@@ -49,7 +59,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path, capsys):
   resumed_metrics = run(tmp_path, 8)
   assert "resumed from" in capsys.readouterr().out
   (a, data_a), (b, data_b) = saved(straight_dir, 8), saved(tmp_path, 8)
-  assert data_a == data_b == {"train_batches": 8, "process_count": 1}
+  assert data_a == data_b == {"train_batches": 8, "process_count": 1, "data_shards": 1}
   assert int(a["step"]) == int(b["step"]) == 8
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
   jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
@@ -66,6 +76,28 @@ def test_outputs_and_keep_n(uninterrupted):
                for f in os.listdir(os.path.join(model_dir, sub)))
   for key in ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
     assert np.isfinite(metrics[key]), key
+  # MFU = analytic training FLOPs of the step's 8 examples / measured step time / peak.
+  assert 0 < metrics["step_time"] < metrics["wall_time"] / 2  # 2 steps per report
+  flops = 8 * training_flops_per_example(CFG, {"encoder_input_tokens": 32,
+                                               "decoder_input_tokens": 16})
+  assert metrics["mfu"] == pytest.approx(
+      flops / metrics["step_time"] / (PEAK_FLOPS * jax.device_count()), rel=1e-6)
+  assert metrics["tokens_per_second"] == pytest.approx(8 * (32 + 16) / metrics["step_time"],
+                                                       rel=1e-6)
+
+
+def test_model_info_and_profile(uninterrupted, tmp_path):
+  model_dir, _ = uninterrupted
+  info = (model_dir / "model-info.txt").read_text().splitlines()
+  assert info[0] == "# mesh: data=8 fsdp=1 expert=1 sequence=1 tensor=1 (8 devices)"
+  wo = next(line for line in info if line.startswith("params/decoder/layers/0/mlp/wo/kernel "))
+  assert wo.split()[-2:] == [str(64 * 32 * 4)] * 2  # pure data parallel: whole on each device
+  assert any(line.startswith("opt_state/") for line in info)
+  traces = [f for _, _, files in os.walk(model_dir / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  with pytest.raises(ValueError, match=r"train.profile_steps=\(3, 2\) is not \(first, last\)"):
+    run(tmp_path, 8, profile_steps=(3, 2))
+  assert not os.listdir(tmp_path)
 
 
 def test_finished_job_does_nothing(uninterrupted, capsys):
@@ -127,8 +159,8 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted,
   output = process.stdout.read()
   assert process.wait(timeout=300) == 0, output
   stopped = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
-  assert 2 <= stopped < 8 and saved(tmp_path, stopped)[1] == {"train_batches": stopped,
-                                                               "process_count": 1}
+  assert 2 <= stopped < 8 and saved(tmp_path, stopped)[1] == {
+      "train_batches": stopped, "process_count": 1, "data_shards": 1}
   rerun = subprocess.run(command + ["--gin.TRAIN_STEPS=8"], capture_output=True, text=True,
                          env=env, timeout=300)
   assert rerun.returncode == 0 and f"resumed from {tmp_path}/checkpoints at step {stopped}" \

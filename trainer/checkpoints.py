@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state plus the input pipeline's position, and the one
 restore path (any subset of the state, checked against what is stored) every job uses."""
 
+import dataclasses
 import os
 import re
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,11 +22,41 @@ class DamagedCheckpointError(ValueError):
   """A checkpoint whose files are missing, truncated or unreadable."""
 
 
+DATA_ITERATORS = "data_iterators"  # the item holding a DataStream's iterator states
+
+
+class DataIteratorsHandler(ocp.CheckpointHandler):
+  """Saves a `trainer.data.DataStream`'s tf.data iterator states as one item of the step,
+  so orbax commits them with the state (in the step's temporary directory, renamed into
+  place at once) and deletes them with it. Not an async handler on purpose: orbax runs
+  it before `save` returns, while the loop has not yet read the next batch."""
+
+  def save(self, directory, args: "DataIteratorsSave"):
+    args.stream.save(os.fspath(directory))
+
+  def restore(self, directory, args: "DataIteratorsRestore"):
+    args.stream.restore(os.fspath(directory))
+    return args.stream
+
+
+@ocp.args.register_with_handler(DataIteratorsHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorsSave(ocp.args.CheckpointArgs):
+  stream: Any
+
+
+@ocp.args.register_with_handler(DataIteratorsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorsRestore(ocp.args.CheckpointArgs):
+  stream: Any
+
+
 class Checkpointer:
   """Periodic, final and keep-N (optionally async) saves under `directory`.
 
-  Each checkpoint holds the train state and, as JSON, the number of batches
-  each host has consumed, so a resumed job continues with the next batch.
+  Each checkpoint holds the train state, as JSON the data position (`train_batches`
+  read, `data_shards`, and the process count that wrote it), and, given a DataStream,
+  its iterator states, so a resumed job continues with the next batch.
   """
 
   def __init__(self, directory: str, *, every: int, max_to_keep: int,
@@ -41,15 +73,17 @@ class Checkpointer:
   def due(self, step: int, final: bool = False) -> bool:
     return final or step % self.every == 0
 
-  def maybe_save(self, step: int, state, data_position: dict, *, final: bool = False) -> bool:
+  def maybe_save(self, step: int, state, data_position: dict, *, final: bool = False,
+                 data_stream=None) -> bool:
     """Saves every `every` steps and at the final step; True if a save started."""
     if not self.due(step, final):
       return False
     integrity.write_manifests(self.directory, self.manager.all_steps())
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(dict(data_position))),
-        force=True)  # a copy of the position: async saves serialize after the loop moves on
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=ocp.args.JsonSave(dict(data_position)))  # a copy: async saves
+    if data_stream is not None:                                # serialize it later
+      items[DATA_ITERATORS] = DataIteratorsSave(data_stream)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self):
     """Waits for async saves, then records the finished checkpoints' files."""
@@ -122,18 +156,20 @@ def check_compatible(directory: str, step: int, abstract) -> None:
           "(its MODEL_DIR/config.gin).")
 
 
-def restore(directory: str, step: int, abstract, shardings):
+def restore(directory: str, step: int, abstract, shardings, data_stream=None):
   """-> (the subset of the saved state that `abstract` describes (a pytree of
   ShapeDtypeStructs like the state, e.g. {'step', 'params'}), placed by `shardings`;
-  the saved data position). Raises DamagedCheckpointError (one line naming the step and
-  the file) for a damaged checkpoint, IncompatibleCheckpointError for another model's."""
+  the saved data position). A `data_stream` (trainer.data.DataStream) is moved to the
+  saved position. Raises DamagedCheckpointError (one line naming the step and the file)
+  for a damaged checkpoint, IncompatibleCheckpointError for another model's or another
+  data stream's."""
   where = os.path.join(directory, str(step))
   problem = integrity.damage(directory, step)
   if problem:
     raise DamagedCheckpointError(f"checkpoint {where} is damaged: {problem}.")
   try:
     check_compatible(directory, step, abstract)
-    return _read(directory, step, abstract, shardings)
+    return _read(directory, step, abstract, shardings, data_stream)
   except IncompatibleCheckpointError:
     raise
   except (OSError, ValueError) as e:  # orbax / tensorstore reading a damaged checkpoint
@@ -142,18 +178,22 @@ def restore(directory: str, step: int, abstract, shardings):
                                  f"{reason}") from None
 
 
-def _read(directory: str, step: int, abstract, shardings):
+def _read(directory: str, step: int, abstract, shardings, data_stream):
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
-  state = ocp.args.PyTreeRestore(
+  items = dict(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)
+      partial_restore=True), data=ocp.args.JsonRestore())
+  saved_iterators = os.path.isdir(os.path.join(directory, str(step), DATA_ITERATORS))
+  if data_stream is not None and saved_iterators:
+    items[DATA_ITERATORS] = DataIteratorsRestore(data_stream)
   manager = ocp.CheckpointManager(directory)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=state, data=ocp.args.JsonRestore()))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
   finally:
     manager.close()
+  if data_stream is not None and not saved_iterators:
+    data_stream.replay(restored["data"])
   return restored["state"], restored["data"]
 
 

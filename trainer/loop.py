@@ -5,35 +5,25 @@ import os
 import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ul2x import partitioning
+from ul2x.partitioning import report
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
-from ul2x.model.moe import upcycle_dense_params
 from ul2x.tasks import pipeline
-from ul2x.trainer import checkpoints
+from ul2x.trainer import checkpoints, upcycling
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.console import say
+from ul2x.trainer.data import DataStream
+from ul2x.trainer.dry_run import DryRun
+from ul2x.trainer.dry_run import dry_run as dry_run_report
 from ul2x.trainer.evaluate import Evaluator
 from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.preemption import StopRequest
+from ul2x.trainer.profiling import StepProfiler, check_profile_steps
 from ul2x.trainer.setup import Setup, setup
 from ul2x.trainer.steps import summarize
-
-
-def _dense_params(path: str) -> dict:
-  """Params of the latest checkpoint under `path`: a MODEL_DIR or its checkpoints/."""
-  try:
-    directory, step = checkpoints.find_checkpoint(path)
-  except ValueError as e:
-    raise ValueError(f"train.init_from_dense_checkpoint={e}") from None
-  manager = ocp.CheckpointManager(directory)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  say(f"upcycling the dense checkpoint {directory} at step {step}")
-  return jax.device_get(restored["state"]["params"])  # host arrays: placed by the caller's jit
 
 
 def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
@@ -61,13 +51,15 @@ def _check_finite(nonfinite: int, on_nonfinite: str, checked: int, step: int, ck
         "--gin.train.on_nonfinite=\"'skip'\".")
 
 
-def _restore_intact(job: Setup, directory: str, steps: list[int], fallback: bool):
-  """-> (state, data position) of the newest checkpoint that reads back whole. With
-  `fallback`, a damaged newer one is renamed `<step>.damaged` (kept for a look, and out
-  of the way of the step's next save)."""
+def _restore_intact(job: Setup, directory: str, steps: list[int], fallback: bool,
+                    train_stream: DataStream):
+  """-> (state, data position) of the newest checkpoint that reads back whole, with
+  `train_stream` moved to its position. With `fallback`, a damaged newer one is renamed
+  `<step>.damaged` (kept for a look, and out of the way of the step's next save)."""
   for step in reversed(steps):
     try:
-      restored = checkpoints.restore(directory, step, job.abstract_state(), job.shardings)
+      restored = checkpoints.restore(directory, step, job.abstract_state(), job.shardings,
+                                     data_stream=train_stream)
     except checkpoints.DamagedCheckpointError as e:
       if not fallback:
         raise ValueError(f"{e} Delete it to resume from an earlier checkpoint, or set "
@@ -99,9 +91,8 @@ def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
         say(f"fine-tuning: {len(kept)} parameter(s) kept as initialised: {', '.join(kept)}")
     say(f"fine-tuning from {directory} at step {step}")
   if init_from_dense_checkpoint:
-    upcycle = jax.jit(lambda dense, moe: upcycle_dense_params(dense, moe, job.cfg),
-                      out_shardings=job.shardings["params"])
-    state["params"] = upcycle(_dense_params(init_from_dense_checkpoint), state["params"])
+    state["params"] = upcycling.restore_upcycled_params(
+        init_from_dense_checkpoint, state["params"], job.shardings["params"], job.cfg)
   return state
 
 
@@ -109,7 +100,8 @@ def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
 def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           task_feature_lengths: dict, model_config: TransformerConfig = gin.REQUIRED,
           optimizer=None, mesh=None, batch_size: int = 16, num_microbatches: int = 1,
-          z_loss: float = 1e-4, seed: int = 0, pack: bool = True, log_every: int = 10,
+          z_loss: float = 1e-4, seed: int = 0, pack: bool = True, data_shards: int = 1,
+          log_every: int = 10,
           eval_every: int = 100, eval_batches: int = 4, eval_split: str = "validation",
           checkpoint_every: int = 500, keep_checkpoints: int = 3,
           async_checkpointing: bool = True, logical_axis_rules=None,
@@ -118,7 +110,9 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           init_assignment_map=(), init_optimizer_state: bool = False,
           infer_eval_every: int = 0, infer_eval_task: str | None = None,
           infer_eval_examples: int | None = 64, on_nonfinite: str = "stop",
-          fallback_to_intact_checkpoint: bool = True) -> dict:
+          fallback_to_intact_checkpoint: bool = True,
+          max_replicated_param_bytes: int | None = None, profile_steps=None,
+          dry_run: DryRun | None = None) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -139,6 +133,18 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   stops the job with one line, or with `fallback_to_intact_checkpoint` the job
   resumes from the newest intact earlier one, saying which it skipped.
 
+  The batches are a function of `seed`, the step and `data_shards` (the number of
+  seqio shards a global batch is cut into; each process reads only the shards holding
+  its rows), not of the process count; each checkpoint holds the input iterators'
+  state, so a job resumes at any step, on any number of processes, in constant time
+  and with the batches an uninterrupted run would have had (docs/data.md).
+
+  At start-up one line names the parameters the mesh leaves fully replicated; one
+  over `max_replicated_param_bytes` (None: no limit) stops the job. `profile_steps`
+  `(first, last)` traces those steps into MODEL_DIR/profile/ (docs/training.md).
+  With `dry_run` (the CLI's --dry_run) nothing is trained, read or written: the train
+  step is compiled for the mesh and `dry_run.dry_run`'s report is returned.
+
   Returns the last logged metrics (a dict of floats).
   """
   for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
@@ -152,13 +158,24 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
       raise ValueError(f"train.{name}={value} must be at least {least}.")
   if on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not 'stop' or 'skip'.")
+  check_profile_steps(profile_steps, train_steps)
   cfg = model_config
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
+  replicated = _report_replicated(job, max_replicated_param_bytes)
+  step_options = dict(num_microbatches=num_microbatches, z_loss=z_loss,
+                      moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
+                      dropout_seed=seed, skip_nonfinite=on_nonfinite == "skip")
+  if dry_run is not None:
+    pipeline.check_feature_lengths(pipeline.mixture_or_task(mixture_or_task_name),
+                                   task_feature_lengths)
+    return dry_run_report(job, dry_run, batch_size=batch_size,
+                          task_feature_lengths=task_feature_lengths,
+                          step_options=step_options, replicated=replicated)
   # Data and evaluation are checked before anything is written into MODEL_DIR.
   data = _datasets(job, mixture_or_task_name, task_feature_lengths, batch_size=batch_size,
-                   seed=seed, pack=pack, eval_split=eval_split,
+                   seed=seed, pack=pack, data_shards=data_shards, eval_split=eval_split,
                    eval_batches=eval_batches if eval_every else 0)
   infer_eval = infer_eval_every and Evaluator(
       job, infer_eval_task or mixture_or_task_name, split=eval_split,
@@ -168,19 +185,21 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   saved = checkpoints.checkpoint_steps(directory)
   if saved:  # before the checkpoint manager lists the steps
     state, data_position = _restore_intact(job, directory, saved,
-                                           fallback_to_intact_checkpoint)
+                                           fallback_to_intact_checkpoint, data[0])
     writers = data_position.get("process_count", jax.process_count())
     if writers != jax.process_count():
-      say(f"warning: the checkpoint was written by {writers} processes and this job has "
-          f"{jax.process_count()}: each reads its own shard of the data, so from here on "
-          "the batches differ from those of an uninterrupted run (docs/reliability.md).")
+      say(f"the checkpoint was written by {writers} process(es) and this job has "
+          f"{jax.process_count()}; the batches continue unchanged.")
+    data_position = {**data_position, "process_count": jax.process_count(),
+                     "data_shards": data_shards}
   else:  # before the checkpoint manager creates anything in MODEL_DIR
     state = _initial_state(job, init_checkpoint=init_checkpoint,
                            init_assignment_map=init_assignment_map,
                            init_optimizer_state=init_optimizer_state,
                            init_from_dense_checkpoint=init_from_dense_checkpoint)
-    data_position = {"train_batches": 0, "process_count": jax.process_count()}
-  _write_config(model_dir)
+    data_position = {"train_batches": 0, "process_count": jax.process_count(),
+                     "data_shards": data_shards}
+  _write_config(model_dir, job)
   ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   try:
@@ -191,54 +210,68 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
       return {}
     return _loop(job, state, data_position, ckpt, data, model_dir=model_dir, start=start,
                  train_steps=train_steps, task_feature_lengths=task_feature_lengths,
-                 batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
-                 seed=seed, log_every=log_every, eval_every=eval_every,
-                 moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
-                 on_nonfinite=on_nonfinite, infer_eval_every=infer_eval_every,
-                 infer_eval=infer_eval)
+                 batch_size=batch_size, step_options=step_options, z_loss=z_loss,
+                 log_every=log_every, eval_every=eval_every, on_nonfinite=on_nonfinite,
+                 infer_eval_every=infer_eval_every, infer_eval=infer_eval,
+                 profile_steps=profile_steps)
   finally:
     ckpt.close()
 
 
 def _datasets(job: Setup, name: str, task_feature_lengths: dict, *, batch_size: int,
-              seed: int, pack: bool, eval_split: str, eval_batches: int):
-  """-> (this host's train batches, its eval batches or None); raises for an unknown
-  task or split, or one that yields no example."""
-  kwargs = dict(architecture=job.cfg.architecture, pack=pack, seed=seed,
-                shard_index=jax.process_index(), num_shards=jax.process_count())
-  local_batch = batch_size // jax.process_count()
-  train_ds = pipeline.get_dataset(name, task_feature_lengths, "train", local_batch, **kwargs)
-  eval_ds = eval_batches and pipeline.get_dataset(
-      name, task_feature_lengths, eval_split, local_batch, **kwargs).take(eval_batches)
-  return train_ds, eval_ds or None
+              seed: int, pack: bool, data_shards: int, eval_split: str, eval_batches: int):
+  """-> (this host's DataStream of train batches, its rows of the first `eval_batches`
+  eval batches (numpy) or None); raises for an unknown task or split, or one that
+  yields no example."""
+  kwargs = dict(batch_size=batch_size, data_shards=data_shards, sharding=job.batch_sharding,
+                architecture=job.cfg.architecture, pack=pack, seed=seed)
+  train_stream = DataStream(name, task_feature_lengths, "train", **kwargs)
+  if not eval_batches:
+    return train_stream, None
+  eval_stream = DataStream(name, task_feature_lengths, eval_split, **kwargs)
+  return train_stream, [next(eval_stream) for _ in range(eval_batches)]
 
 
-def _write_config(model_dir: str) -> None:
-  """MODEL_DIR/config.gin: the full gin config of the run (process 0)."""
+def _report_replicated(job: Setup, limit: int | None) -> list:
+  """Says which parameters the mesh leaves fully replicated (one line); raises if the
+  largest is over `limit` bytes."""
+  if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+    raise ValueError(f"train.max_replicated_param_bytes={limit!r} is not a number of bytes; "
+                     "pass e.g. --gin.train.max_replicated_param_bytes=1048576, or None.")
+  abstract_params = job.abstract_state()["params"]
+  specs = jax.tree.map(lambda s: s.spec, job.shardings["params"])
+  replicated = report.replicated_params(abstract_params, job.param_axes, specs, job.mesh,
+                                        job.rules)
+  if replicated:
+    say(report.replicated_summary(replicated, len(jax.tree.leaves(abstract_params))))
+  report.check_replicated(replicated, limit, "train.max_replicated_param_bytes")
+  return replicated
+
+
+def _write_config(model_dir: str, job: Setup) -> None:
+  """MODEL_DIR/config.gin, the full gin config of the run, and MODEL_DIR/model-info.txt,
+  the layout of every state leaf (process 0)."""
   if jax.process_index() != 0:
     return
   try:
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
+    with open(os.path.join(model_dir, "model-info.txt"), "w") as f:
+      f.write(report.model_info(job.abstract_state(), job.shardings, job.param_axes, job.mesh))
   except OSError as e:
     raise ValueError(f"cannot write MODEL_DIR {model_dir!r} ({e.strerror}); choose a "
                      "writable directory with --gin.MODEL_DIR.") from None
 
 
 def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, train_steps,
-          task_feature_lengths, batch_size, num_microbatches, z_loss, seed, log_every,
-          eval_every, moe_aux_loss, router_z_loss, on_nonfinite, infer_eval_every,
-          infer_eval) -> dict:
+          task_feature_lengths, batch_size, step_options, z_loss, log_every, eval_every,
+          on_nonfinite, infer_eval_every, infer_eval, profile_steps) -> dict:
   cfg = job.cfg
-  train_ds, eval_ds = data
-  train_iter = train_ds.skip(data_position["train_batches"]).as_numpy_iterator()
-  step_fn = job.train_step(num_microbatches=num_microbatches, z_loss=z_loss,
-                           moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
-                           dropout_seed=seed, skip_nonfinite=on_nonfinite == "skip")
+  train_stream, eval_batches = data  # the stream is at the restored position
+  step_fn = job.train_step(**step_options)
   eval_fn = job.eval_step(z_loss=z_loss)
-  eval_data = [] if eval_ds is None else [job.global_batch(b)
-                                          for b in eval_ds.as_numpy_iterator()]
+  eval_data = [job.global_batch(b) for b in eval_batches or []]
 
   lengths = pipeline.feature_lengths_for(cfg.architecture, task_feature_lengths)
   progress = Progress(train_steps, batch_size * tokens_per_example(cfg, lengths),
@@ -248,9 +281,12 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
   scalars, nonfinite, checked = {}, 0, start
   progress.mark(start)
-  with StopRequest() as stop:
+  with (StopRequest() as stop,
+        StepProfiler(profile_steps, os.path.join(model_dir, "profile"), start) as profiler):
     for step in range(start + 1, train_steps + 1):
-      state, metrics = step_fn(state, job.global_batch(next(train_iter)))
+      with profiler.step(step):
+        state, metrics = step_fn(state, job.global_batch(next(train_stream)))
+      profiler.after(step, metrics)
       data_position["train_batches"] += 1
       nonfinite = nonfinite + metrics["nonfinite"]  # on the device: no sync per step
       stopping = stop.requested()
@@ -276,7 +312,7 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
         say(f"infer eval step {step}  "
             + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
         progress.mark(step)
-      ckpt.maybe_save(step, state, data_position, final=final)
+      ckpt.maybe_save(step, state, data_position, final=final, data_stream=train_stream)
       if stopping:
         ckpt.wait()
         say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "

@@ -32,13 +32,17 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def vendor_peak_flops(device_kind: str) -> float | None:
+  """The data-sheet dense bf16 peak FLOP/s of a device kind, or None if unknown."""
+  for name, flops in _PEAK_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
 def peak_flops_per_device() -> float:
   """Vendor peak for known accelerators, else a measured matmul rate."""
-  kind = jax.devices()[0].device_kind
-  for name, flops in _PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return measured_matmul_flops()
+  return vendor_peak_flops(jax.devices()[0].device_kind) or measured_matmul_flops()
 
 
 class MetricsWriter:

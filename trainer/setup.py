@@ -32,6 +32,7 @@ class Setup:
   shardings: dict  # state leaf -> NamedSharding
   tx: object = None  # optax.GradientTransformation, or None
   schedule: object = None  # step -> learning rate, or None
+  param_axes: dict = None  # like state['params']: each parameter's logical axis names or None
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -40,6 +41,12 @@ class Setup:
 
   def abstract_state(self):
     return jax.eval_shape(self.init_fn)
+
+  def abstract_batch(self, batch_size: int, lengths: dict[str, int]) -> dict:
+    """The global batch the train step takes: each feature int32 [batch_size, length]
+    (`lengths` as from `pipeline.feature_lengths_for`), laid out by `batch_sharding`."""
+    return {k: jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=self.batch_sharding)
+            for k, n in lengths.items()}
 
   def init_state(self):
     """A freshly initialised state, laid out by `shardings`."""
@@ -86,8 +93,8 @@ def setup(cfg: TransformerConfig, *, mesh: Mesh | None = None, rules=None, optim
   abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(seed)))
   graphdef, abstract = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract)
-  p_specs = partitioning.param_specs(abstract_params, partitioning.logical_axes(abstract),
-                                     mesh, rules)
+  param_axes = partitioning.logical_axes(abstract)
+  p_specs = partitioning.param_specs(abstract_params, param_axes, mesh, rules)
   specs = {"step": PartitionSpec(), "params": p_specs}
   if tx is not None:
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -102,4 +109,4 @@ def setup(cfg: TransformerConfig, *, mesh: Mesh | None = None, rules=None, optim
     return state
 
   return Setup(cfg, mesh, rules, graphdef, init_fn, partitioning.to_named(specs, mesh), tx,
-               schedule)
+               schedule, param_axes)

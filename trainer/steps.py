@@ -6,16 +6,16 @@ import optax
 from flax import nnx
 
 from ul2x import partitioning
-from ul2x.model.losses import SUM_KEYS, cross_entropy_sums
-from ul2x.model.moe import pop_router_metrics
+from ul2x.model.contract import LOSS_WEIGHTS, loss_sums
+from ul2x.model.losses import SUM_KEYS
+from ul2x.trainer.router_metrics import pop_router_metrics
 
 
 def _sums(graphdef, params, batch, key, z_loss):
   """-> (token sums, MoE router losses and metrics: {} for a dense model)."""
   model = nnx.merge(graphdef, params)
   logits = model(batch, dropout_key=key)
-  sums = cross_entropy_sums(logits, batch["decoder_target_tokens"],
-                            batch["decoder_loss_weights"], z_loss)
+  sums = loss_sums(logits, batch, z_loss)
   return sums, pop_router_metrics(model)
 
 
@@ -60,7 +60,7 @@ def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: in
     with partitioning.axis_rules(mesh, rules):
       params = state["params"]
       key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
-      total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)),
+      total_weight = jnp.maximum(jnp.sum(batch[LOSS_WEIGHTS].astype(jnp.float32)),
                                  1.0)
       if num_microbatches == 1:
         grads, (sums, router) = grad_fn(params, batch, key, total_weight)

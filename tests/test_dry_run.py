@@ -1,0 +1,115 @@
+"""The train job's dry run: its bytes per device against the real state's shards and
+XLA's count, the fit verdict, and the CLI's exit status with nothing written."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ul2x import partitioning
+from ul2x.partitioning import report
+from ul2x.tasks import pipeline
+from ul2x.trainer import dry_run, loop
+from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.setup import setup
+from train_utils import TINY
+
+LENGTHS = {"inputs": 16, "targets": 8}
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def measured():
+  job = setup(TINY, mesh=partitioning.create_mesh(data=2, fsdp=2, tensor=2),
+              optimizer=create_optimizer(10, name="adamw"))
+  return job, dry_run.measure(job, batch_size=BATCH, task_feature_lengths=LENGTHS,
+                              step_options={}, peak_tflops=1.0)
+
+
+def _held(tree, device) -> int:
+  """Bytes of `tree`'s real arrays that live on `device`."""
+  return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
+             if shard.device == device)
+
+
+def test_bytes_per_device_equal_the_real_state_shards(measured):
+  job, r = measured
+  state = job.init_state()
+  whole = sum(report.global_bytes(x) for x in jax.tree.leaves(state["params"]))
+  assert 0 < r["params_bytes"] < whole / 2  # really sharded (fsdp x tensor)
+  for device in job.mesh.devices.flat:
+    assert _held(state["params"], device) == r["params_bytes"]
+    assert _held(state["opt_state"], device) == r["opt_state_bytes"]
+  # XLA's own count: the donated state (and its int32 step) is reused whole by the outputs;
+  # the arguments add the batch's shards (of the features the step reads: jit drops others).
+  state_bytes = r["params_bytes"] + r["opt_state_bytes"] + 4
+  assert r["aliased_bytes"] == state_bytes
+  lengths = pipeline.feature_lengths_for(TINY.architecture, LENGTHS)
+  batch = sum(report.device_bytes(x, x.sharding)
+              for x in job.abstract_batch(BATCH, lengths).values())
+  assert state_bytes < r["arguments_bytes"] <= state_bytes + batch
+  assert r["temp_bytes"] > 0 and r["total_bytes"] > r["arguments_bytes"]
+  assert r["step_time_bound_s"] == pytest.approx(r["flops_per_step"] / (1e12 * 8))
+
+
+def test_verdict_flips_at_the_needed_memory(measured):
+  job, r = measured
+  need = r["total_bytes"]
+  assert dry_run.judge(r, need)["fits"] is True
+  assert dry_run.verdict(dry_run.judge(r, need)).startswith("fits:")
+  assert dry_run.judge(r, need - 1)["fits"] is False
+  assert dry_run.verdict(dry_run.judge(r, need - 1)).startswith("does not fit:")
+  assert dry_run.judge(r, None)["fits"] is None  # a CPU reports no memory
+  assert dry_run.device_memory(job, dry_run.DryRun()) is None
+  assert dry_run.device_memory(job, dry_run.DryRun(device_memory_gib=2)) == 2 * 2**30
+  with pytest.raises(ValueError, match="--device_memory_gib=0 must be a positive number"):
+    dry_run.DryRun(device_memory_gib=0)
+
+
+def test_a_tpu_topology_without_tpu_support_is_one_line():
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed: the topology exists here")
+  with pytest.raises(ValueError, match=r"--dry_run_topology='v5e:4x4' gives no devices here "
+                     r"\(.*\); compiling for a TPU topology needs .*pip install 'jax\[tpu\]'"):
+    dry_run.topology_devices("v5e:4x4")
+
+
+def test_max_replicated_param_bytes_stops_the_job_before_any_work(tmp_path, capsys):
+  # tensor=2 shards TINY's kernels; its (32,) norm scales have no axis left (fsdp=1).
+  args = dict(model_dir=str(tmp_path / "run"), train_steps=2, model_config=TINY, batch_size=8,
+              mixture_or_task_name="ul2x_span_corruption", task_feature_lengths=LENGTHS,
+              mesh=partitioning.create_mesh(data=4, tensor=2))
+  with pytest.raises(ValueError, match=r"parameter \S+/scale \(32,\) \(128 bytes\) stays "
+                     r"replicated on every device .* over train.max_replicated_param_bytes=100;"):
+    loop.train(**args, max_replicated_param_bytes=100)
+  assert "replicated parameters: " in capsys.readouterr().out
+  with pytest.raises(ValueError, match=r"max_replicated_param_bytes=-1 is not a number of bytes"):
+    loop.train(**args, max_replicated_param_bytes=-1)
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
+  model_dir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  args = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8",
+          "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+          "--gin.TransformerConfig.num_encoder_layers=1",
+          "--gin.TransformerConfig.num_decoder_layers=1",
+          "--gin.create_mesh.data=4", "--gin.create_mesh.tensor=2",
+          "--dry_run", "--device_memory_gib=0.001"]
+  result = subprocess.run([sys.executable, "-m", "ul2x.train", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "mesh data=4 fsdp=1 expert=1 sequence=1 tensor=2" in result.stdout
+  verdict = result.stdout.strip().splitlines()[-1]
+  assert verdict.startswith("verdict: does not fit: needs ") and "1.0 MiB" in verdict
+  # Pure tensor parallelism leaves the norm scales (embed) replicated: named at start-up.
+  assert "replicated parameters: " in result.stdout
+  assert "no rule maps its axes ('embed',)" in result.stdout
+  assert not model_dir.exists()

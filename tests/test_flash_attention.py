@@ -1,0 +1,285 @@
+"""The Pallas flash-attention kernel (kernels/flash_attention.py) against the reference
+`dot_product_attention` with the dense T5 bias: outputs, log-sum-exp and gradients of
+q, k, v and the bias table, per mask kind, dtype, head_dim and grouped-query heads,
+in interpret mode on CPU (compiled on GPU / TPU); skipped tiles; input errors; the
+model's CPU fallback; and the kernel as ring attention's block function."""
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from ul2x import partitioning
+from ul2x.kernels import flash_attention as flash
+from ul2x.kernels import ring_attention as ring
+from ul2x.kernels.attention_inputs import PositionBias, Tokens, visible
+from ul2x.model import attention
+from ul2x.model.attention import dot_product_attention
+from ul2x.model.position import RelativePositionBias, T5BucketBias, relative_position_bucket
+
+BLOCKS = flash.BlockSizes(16, 16, 16, 16)  # several tiles, lengths not multiples of 16
+NUM_BUCKETS, MAX_DISTANCE = 32, 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  mask: str  # "bidirectional", "causal" or "prefix"
+  bias: bool = True
+  packed: bool = True  # two segments and padding per row; else one unpadded segment
+  dtype: str = "float32"
+  head_dim: int = 64
+  heads: int = 2
+  kv_heads: int = 2
+  q_len: int = 37
+  kv_len: int = 37
+  batch: int = 2
+
+
+CASES = {
+    "causal-bias-packed": Case("causal"),
+    "prefix-bias-packed-gqa": Case("prefix", heads=4, kv_heads=1, batch=1),
+    "bidirectional-bias-cross-d128": Case("bidirectional", head_dim=128, q_len=21, batch=1),
+    "causal-plain-bf16-gqa-d128": Case("causal", bias=False, packed=False, dtype="bfloat16",
+                                       head_dim=128, heads=4, batch=1),
+}
+
+
+def _tokens(case: Case, length: int) -> Tokens:
+  """Segment ids (0 = padding), positions restarting per segment, prefix flags."""
+  seg = np.ones((case.batch, length), np.int32)
+  if case.packed:
+    seg[0, length // 3:] = 2
+    seg[0, length - 4:] = 0
+    seg[-1, length // 2:] = 3
+  starts = np.maximum.accumulate(
+      np.where(np.diff(seg, axis=1, prepend=-1) != 0, np.arange(length), 0), axis=1)
+  pos = np.arange(length) - starts
+  prefix = (pos < 5) & (seg > 0)
+  return Tokens(jnp.asarray(seg), jnp.asarray(pos, jnp.int32),
+                     jnp.asarray(prefix, jnp.int32))
+
+
+def _inputs(case: Case):
+  keys = jax.random.split(jax.random.key(0), 6)
+  dt = jnp.dtype(case.dtype)
+  q = jax.random.normal(keys[0], (case.batch, case.q_len, case.heads, case.head_dim), dt)
+  k, v = (jax.random.normal(key, (case.batch, case.kv_len, case.kv_heads, case.head_dim), dt)
+          for key in keys[1:3])
+  q_tok, kv_tok = _tokens(case, case.q_len), _tokens(case, case.kv_len)
+  real = np.asarray(q_tok.segment_ids > 0)
+  ct = jax.random.normal(keys[3], q.shape, jnp.float32) * real[..., None, None]
+  ct_lse = jax.random.normal(keys[4], (case.batch, case.heads, case.q_len)) * real[:, None]
+  table = jax.random.normal(keys[5], (case.heads, NUM_BUCKETS)) * 0.5
+  return (q, k, v, table), (ct, ct_lse), (q_tok, kv_tok)
+
+
+def _relative_bias(case: Case) -> T5BucketBias:
+  return T5BucketBias(NUM_BUCKETS, MAX_DISTANCE, case.mask == "bidirectional")
+
+
+def _mask_kwargs(case: Case, q_tok, kv_tok):
+  prefix = case.mask == "prefix"
+  return dict(q_segment_ids=q_tok.segment_ids, kv_segment_ids=kv_tok.segment_ids,
+              q_positions=q_tok.positions, kv_positions=kv_tok.positions,
+              causal=case.mask != "bidirectional", q_prefix=q_tok.prefix if prefix else None,
+              kv_prefix=kv_tok.prefix if prefix else None, scale=0.3)
+
+
+def _reference(case: Case, q, k, v, table, q_tok, kv_tok):
+  """(out, lse) of the dense reference; k/v heads repeated for grouped queries."""
+  group = case.heads // case.kv_heads
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  kw = _mask_kwargs(case, q_tok, kv_tok)
+  bias = _relative_bias(case)(table, q_tok.positions, kv_tok.positions) if case.bias else None
+  out = dot_product_attention(q, k, v, bias=bias, **kw)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * 0.3
+  logits = logits if bias is None else logits + bias
+  mask = visible(q_tok._replace(prefix=kw["q_prefix"]), kv_tok._replace(prefix=kw["kv_prefix"]),
+                 kw["causal"])
+  return out, jax.nn.logsumexp(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1)
+
+
+def _flash(case: Case, q, k, v, table, q_tok, kv_tok, interpret=True, block_sizes=BLOCKS):
+  rel = _relative_bias(case)
+  buckets = functools.partial(relative_position_bucket, bidirectional=rel.bidirectional,
+                              num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+  return flash.flash_attention(
+      q, k, v, bias_table=table if case.bias else None,
+      bucket_fn=buckets if case.bias else None, block_sizes=block_sizes, interpret=interpret,
+      return_lse=True, **_mask_kwargs(case, q_tok, kv_tok))
+
+
+@functools.cache
+def _grad_fn(attend, case: Case):
+  """jit(value_and_grad) w.r.t. q, k, v and the table of sum(out * ct) + sum(lse * ct_lse)
+  over the real (non-padding) query rows."""
+  def loss(q, k, v, table, ct, ct_lse, q_tok, kv_tok):
+    out, lse = attend(case, q, k, v, table, q_tok, kv_tok)
+    return (jnp.sum(out.astype(jnp.float32) * ct)
+            + jnp.sum(jnp.where(ct_lse != 0, lse, 0.0) * ct_lse), (out, lse))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def _assert_close(got, want, tol, name):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = max(1.0, float(np.abs(want).max()))
+  err = float(np.abs(got - want).max())
+  assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def _check(case: Case, **flash_kw):
+  tensors, cts, tokens = _inputs(case)
+  real = np.asarray(tokens[0].segment_ids > 0)[..., None, None]
+  (_, (want, want_lse)), want_grads = _grad_fn(_reference, case)(*tensors, *cts, *tokens)
+  attend = functools.partial(_flash, **flash_kw) if flash_kw else _flash
+  (_, (got, got_lse)), got_grads = _grad_fn(attend, case)(*tensors, *cts, *tokens)
+  tol = 2e-2 if case.dtype == "bfloat16" else 2e-5
+  _assert_close(np.asarray(got, np.float32) * real, np.asarray(want, np.float32) * real, tol,
+                "out")
+  rows = real[..., 0, 0]
+  _assert_close(np.swapaxes(got_lse, 1, 2)[rows], np.swapaxes(want_lse, 1, 2)[rows], tol, "lse")
+  if not rows.all():  # padding queries see no key: out 0, lse -inf
+    assert (np.asarray(got)[~rows] == 0).all()
+    assert np.isneginf(np.swapaxes(got_lse, 1, 2)[~rows]).all()
+  for name, g, w in zip(("dq", "dk", "dv", "dtable"), got_grads, want_grads):
+    _assert_close(g, w, 4 * tol, name)
+  if case.bias:
+    assert np.abs(np.asarray(want_grads[3])).max() > 1e-2  # the bias gradient is exercised
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_interpret(name):
+  _check(CASES[name])
+
+
+def test_tiles_above_the_causal_diagonal_are_skipped():
+  """NaN in the last key/value row reaches only the query tile that sees it: every
+  other tile holding it lies above the diagonal and is never computed (a computed
+  tile spreads it, as 0 * NaN = NaN, to all its rows)."""
+  case = CASES["causal-plain-bf16-gqa-d128"]
+  (q, k, v, table), _, tokens = _inputs(case)
+  out, _ = jax.jit(_flash, static_argnums=0)(case, q, k, v.at[:, -1].set(jnp.nan), table,
+                                             *tokens)
+  rows_with_nan = np.flatnonzero(np.isnan(np.asarray(out)).any(axis=(0, 2, 3)))
+  np.testing.assert_array_equal(rows_with_nan, np.arange(32, case.q_len))  # last q tile
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k=jnp.zeros((1, 8, 2, 32)), v=jnp.zeros((1, 8, 2, 32))), "same batch and head_dim"),
+    (dict(k=jnp.zeros((1, 8, 3, 64)), v=jnp.zeros((1, 8, 3, 64))), "not a multiple of 3"),
+    (dict(bias_table=jnp.zeros((2, 32))), "bias_table and bucket_fn together"),
+    (dict(block_sizes=flash.BlockSizes(24, 16, 16, 16)), "powers of two"),
+    (dict(kv_positions=jnp.ones((1, 9), jnp.int32)), r"kv segment ids.*\(1, 8\)"),
+])
+def test_bad_inputs_raise(change, message):
+  x, tok = jnp.zeros((1, 8, 2, 64)), jnp.ones((1, 8), jnp.int32)
+  kw = dict(q=x, k=x, v=x, q_segment_ids=tok, kv_segment_ids=tok, q_positions=tok,
+            kv_positions=tok) | change
+  with pytest.raises(ValueError, match=message):
+    flash.flash_attention(**kw)
+
+
+def test_model_falls_back_to_reference_on_cpu_with_a_log_line(caplog):
+  """attention='flash' as a stack calls it (bias from `stack_bias`): on CPU, one log
+  line and the reference with the dense bias."""
+  case = dataclasses.replace(CASES["causal-bias-packed"], q_len=12, kv_len=12)
+  (q, k, v, _), _, (q_tok, kv_tok) = _inputs(case)
+  kw = _mask_kwargs(case, q_tok, kv_tok)
+  relative = RelativePositionBias(NUM_BUCKETS, MAX_DISTANCE, case.heads, False,
+                                  rngs=nnx.Rngs(0))
+  bias = attention.stack_bias(relative, q_tok.positions, "flash")
+  assert isinstance(bias, PositionBias)
+  attention._log_flash_fallback.cache_clear()
+  fn = attention.get_attention_fn("flash")
+  with caplog.at_level(logging.WARNING):
+    got = jax.jit(lambda q, k, v, bias: (fn(q, k, v, bias=bias, **kw),
+                                         fn(q, k, v, bias=None, **kw)))(q, k, v, bias)[0]
+  assert [r.getMessage() for r in caplog.records if "flash" in r.getMessage()] == [
+      "attention='flash' has no compiled kernel on 'cpu': using the reference "
+      "dot_product_attention with a dense bias instead."]
+  dense = attention.stack_bias(relative, q_tok.positions, "reference")
+  want = jax.jit(lambda q, k, v, dense: dot_product_attention(q, k, v, bias=dense, **kw))
+  np.testing.assert_array_equal(got, want(q, k, v, dense))
+
+
+def test_ring_attention_with_flash_blocks_matches_reference():
+  """The kernel as ring attention's block function on sequence=4: causal prefix-LM,
+  packed with padding, relative bias; blocks of 12 tokens streamed in tiles of 6."""
+  case = dataclasses.replace(CASES["prefix-bias-packed-gqa"], heads=2, kv_heads=2,
+                             q_len=48, kv_len=48)
+  tensors, (ct, _), tokens = _inputs(case)
+  mesh = partitioning.create_mesh(data=2, sequence=4)
+  buckets = functools.partial(relative_position_bucket, bidirectional=False,
+                              num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+  block = flash.FlashBlockAttention(8, buckets, BLOCKS, interpret=True)
+
+  def ring_attend(case, q, k, v, table, q_tok, kv_tok):
+    def shard(q, k, v, table, q_tok, kv_tok):
+      q_tok, kv_tok = Tokens(*q_tok), Tokens(*kv_tok)
+      return ring.ring_attention(
+          q, k, v, bias=PositionBias(table, _relative_bias(case)), axis_name="sequence",
+          block_attention=block, **_mask_kwargs(case, q_tok, kv_tok))
+    # check_vma=False: jax 0.10's Pallas interpreter loses varying axes in its grid loop.
+    length = P(None, "sequence")
+    out = jax.shard_map(shard, mesh=mesh, in_specs=(length,) * 3 + (P(), (length,) * 3,
+                                                                    (length,) * 3),
+                        out_specs=length, check_vma=False)(q, k, v, table, tuple(q_tok),
+                                                           tuple(kv_tok))
+    return out, jnp.zeros((q.shape[0], q.shape[2], q.shape[1]))
+
+  real = np.asarray(tokens[0].segment_ids > 0)[..., None, None]
+  no_lse = jnp.zeros((case.batch, case.heads, case.q_len))
+  (_, (want, _)), want_grads = _grad_fn(_reference, case)(*tensors, ct, no_lse, *tokens)
+  (_, (got, _)), got_grads = _grad_fn(ring_attend, case)(*tensors, ct, no_lse, *tokens)
+  _assert_close(np.asarray(got) * real, np.asarray(want) * real, 2e-5, "out")
+  for name, g, w in zip(("dq", "dk", "dv", "dtable"), got_grads, want_grads):
+    _assert_close(g, w, 1e-4, name)
+
+
+def test_lowers_to_triton_for_gpu():
+  """Forward and both backward kernels lower to Triton for CUDA, from this CPU host
+  (jax.export; no GPU needed): the kernel bodies use only operations Pallas' Triton
+  lowering supports. Compiling Triton to PTX still needs the GPU tests below."""
+  case = dataclasses.replace(CASES["prefix-bias-packed-gqa"], dtype="bfloat16", q_len=300,
+                             kv_len=300)
+  (q, k, v, table), _, tokens = _inputs(case)
+
+  def loss(q, k, v, table, q_tok, kv_tok):
+    out, lse = _flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
+                      block_sizes=flash.DEFAULT_BLOCK_SIZES["gpu"])
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
+
+  triton = "__gpu$xla.gpu.triton"
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+  )(q, k, v, table, *tokens)
+  module = exported.mlir_module()
+  for name in ("flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq"):
+    assert f'name = "{name}"' in module
+  assert module.count(f"custom_call @{triton}") == 3
+
+
+COMPILED_CASES = {
+    name: dataclasses.replace(case, q_len=case.q_len * 27, kv_len=case.kv_len * 27)
+    for name, case in CASES.items()}
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton kernel)")
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_matches_reference_gpu(name):
+  _check(COMPILED_CASES[name], interpret=False, block_sizes=None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Mosaic kernel)")
+@pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                   reason="no Mosaic TPU lowering yet (docs/flash_attention.md)")
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_matches_reference_tpu(name):
+  _check(COMPILED_CASES[name], interpret=False, block_sizes=None)
