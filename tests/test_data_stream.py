@@ -76,3 +76,32 @@ def test_a_checkpoint_without_iterator_states_is_replayed(saved):
   assert_same(next(legacy), following[0])
   with pytest.raises(IncompatibleCheckpointError, match="data_shards=1"):
     stream().replay({"train_batches": 5, "process_count": 1})
+
+
+def test_a_pipeline_tf_data_cannot_save_stops_the_job_before_any_write(tmp_path):
+  """A task whose pipeline holds a py_function is refused at start-up in one line, before
+  any step runs and before MODEL_DIR is written, not at the first checkpoint."""
+  import seqio
+
+  from ul2x.model import TransformerConfig
+  from ul2x.tasks import registry
+  from ul2x.trainer.loop import train
+
+  def examples(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    ids = tf.data.Dataset.range(1000).map(
+        lambda i: tf.py_function(lambda x: x % 7 + 3, [i], tf.int64))
+    ids = ids.map(lambda t: tf.cast(t, tf.int32))
+    return ids.map(lambda t: {"inputs": tf.fill([4], t), "targets": tf.fill([3], t)})
+
+  vocab = seqio.PassThroughVocabulary(size=384, eos_id=1)
+  registry.register_task(
+      "test_py_function", source=seqio.FunctionDataSource(examples, splits=["train"]),
+      output_features={k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")},
+      preprocessors=[seqio.preprocessors.append_eos])
+  model_dir = tmp_path / "run"
+  with pytest.raises(ValueError, match="'test_py_function' cannot be checkpointed"):
+    train(model_dir=str(model_dir), train_steps=2, mixture_or_task_name="test_py_function",
+          task_feature_lengths={"inputs": 8, "targets": 8}, eval_every=0,
+          model_config=TransformerConfig(), batch_size=8)
+  assert not model_dir.exists()

@@ -1,5 +1,5 @@
 """The training job: checkpoints, exact resume (state and data position), keep-N,
-non-finite steps, and preemption by SIGTERM."""
+non-finite steps, and preemption by SIGTERM and SIGKILL."""
 
 import os
 import signal
@@ -137,19 +137,27 @@ def test_nonfinite_steps_can_be_skipped(tmp_path, huge_learning_rate):
   assert finite(saved(tmp_path, 4)[0]["params"])
 
 
-def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-  """The CLI twin of `run` (same model, optimizer, data and mesh) is stopped by SIGTERM
-  after step 2, then resumed to step 8: its parameters equal the uninterrupted run's."""
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+           JAX_PLATFORMS="cpu")
+
+
+def cli(model_dir, checkpoint_every: int) -> list:
+  """The CLI twin of `run` (same model, optimizer, data and mesh), without TRAIN_STEPS."""
   flags = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
-           f"--gin.MODEL_DIR='{tmp_path}'", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
+           f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", "--gin.BATCH_SIZE=8",
-           "--gin.train.log_every=1", "--gin.train.eval_every=0", "--gin.train.checkpoint_every=3"]
+           "--gin.train.log_every=1", "--gin.train.eval_every=0",
+           f"--gin.train.checkpoint_every={checkpoint_every}"]
   flags += [f"--gin.TransformerConfig.{k}={v}" for k, v in dict(
       emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64, num_encoder_layers=1,
       num_decoder_layers=1, dropout_rate=0.1).items()]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "ul2x.train", *flags]
+  return [sys.executable, "-m", "ul2x.train", *flags]
+
+
+def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+  """The CLI twin of `run` is stopped by SIGTERM after step 2, then resumed to step 8:
+  its parameters equal the uninterrupted run's."""
+  command, env = cli(tmp_path, checkpoint_every=3), ENV
   process = subprocess.Popen(command + ["--gin.TRAIN_STEPS=1000"], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, env=env)
   for line in process.stdout:
@@ -165,6 +173,32 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted,
                          env=env, timeout=300)
   assert rerun.returncode == 0 and f"resumed from {tmp_path}/checkpoints at step {stopped}" \
       in rerun.stdout, rerun.stderr[-2000:]
+  jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
+               saved(tmp_path, 8)[0]["params"])
+
+
+@pytest.mark.parametrize("trial", [0, 1])
+def test_sigkill_at_a_random_moment_then_the_rerun_matches(uninterrupted, tmp_path, trial):
+  """SIGKILL at a random moment between steps 3 and 7 of a run that saves every step
+  asynchronously (so the kill often lands inside a save): the rerun resumes from the
+  newest complete checkpoint and ends with the uninterrupted run's parameters."""
+  rng = np.random.default_rng(trial)
+  kill_after, delay = int(rng.integers(3, 7)), float(rng.uniform(0.0, 0.5))
+  command = cli(tmp_path, checkpoint_every=1)
+  process = subprocess.Popen(command + ["--gin.TRAIN_STEPS=1000"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=ENV)
+  for line in process.stdout:
+    if line.startswith(f"step {kill_after}/1000"):
+      time.sleep(delay)
+      process.kill()
+      break
+  assert process.wait(timeout=300) == -signal.SIGKILL
+  rerun = subprocess.run(command + ["--gin.TRAIN_STEPS=8"], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+  resumed = [line for line in rerun.stdout.splitlines() if line.startswith("resumed from")]
+  assert rerun.returncode == 0 and resumed, rerun.stderr[-2000:]
+  # "step k" is printed after step k-1's save began, which waited for step k-2's.
+  assert kill_after - 2 <= int(resumed[0].rsplit(" ", 1)[1]) < 8
   jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
                saved(tmp_path, 8)[0]["params"])
 

@@ -25,6 +25,14 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> dict[int, list[int
   return {p: sorted(r) for p, r in rows.items()}
 
 
+def check_data_shards(data_shards, batch_size: int) -> None:
+  if not isinstance(data_shards, int) or data_shards < 1 or batch_size % data_shards:
+    raise ValueError(
+        f"train.data_shards={data_shards!r} must be a positive integer dividing "
+        f"batch_size={batch_size}; set --gin.train.data_shards to 1 or to the number of "
+        "hosts (docs/data.md, Host sharding).")
+
+
 class DataStream:
   """This process's rows of the global batches of `split`, as numpy feature dicts
   `{name: int32 [rows, length]}` (`next(stream)`).
@@ -44,11 +52,7 @@ class DataStream:
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: dict, split: str, *,
                batch_size: int, data_shards: int, sharding: NamedSharding,
                architecture: str, pack: bool, seed: int):
-    if not isinstance(data_shards, int) or data_shards < 1 or batch_size % data_shards:
-      raise ValueError(
-          f"train.data_shards={data_shards!r} must be a positive integer dividing "
-          f"batch_size={batch_size}; set --gin.train.data_shards to 1 or to the number of "
-          "hosts (docs/data.md, Host sharding).")
+    check_data_shards(data_shards, batch_size)
     self.data_shards = data_shards
     self._name = mixture_or_task_name
     rows_per_shard = batch_size // data_shards
@@ -97,11 +101,25 @@ class DataStream:
       try:
         tf.train.Checkpoint(iterator=self._iterator(k)).write(self._prefix(directory, k))
       except tf.errors.FailedPreconditionError as e:  # an op with state tf.data cannot save
-        raise ValueError(
-            f"the input pipeline of {self._name!r} cannot be checkpointed "
-            f"({e.message.splitlines()[0]}): every dataset op must be one tf.data can "
-            "save (no py_function); see docs/data.md#resume-the-inputs-position-is-in-"
-            "the-checkpoint.") from None
+        raise self._unsaveable(e) from None
+
+  def check_saveable(self) -> None:
+    """Raises `save`'s error now if a pipeline holds an op whose state tf.data cannot
+    save (a py_function). Saving a fresh iterator would not show it: a shuffle makes its
+    input's iterator only on first use."""
+    for k in self._writes:
+      try:  # 2: fail on external state, as iterator checkpoints do
+        tf.raw_ops.DatasetToGraphV2(input_dataset=self._datasets[k]._variant_tensor,
+                                    external_state_policy=2)
+      except tf.errors.FailedPreconditionError as e:
+        raise self._unsaveable(e) from None
+
+  def _unsaveable(self, error) -> ValueError:
+    return ValueError(
+        f"the input pipeline of {self._name!r} cannot be checkpointed "
+        f"({error.message.splitlines()[0]}): every dataset op must be one tf.data can "
+        "save (no py_function); see docs/data.md#resume-the-inputs-position-is-in-"
+        "the-checkpoint.")
 
   def restore(self, directory: str) -> None:
     """Continues each of this process's shards where `save` left it. Raises

@@ -73,9 +73,10 @@ def device_memory(job: Setup, options: DryRun) -> int | None:
   (local) device reports, else None (unknown)."""
   if options.device_memory_gib is not None:
     return int(options.device_memory_gib * GIB)
-  device = job.mesh.devices.flat[0]
-  if device not in jax.local_devices():  # a compile-only topology: not this machine's
+  local = [d for d in job.mesh.devices.flat if d in jax.local_devices()]
+  if not local:  # a compile-only topology: not this machine's
     return None
+  device = local[0]
   stats = device.memory_stats() or {}
   return stats.get("bytes_limit")
 

@@ -14,7 +14,7 @@ from ul2x.tasks import pipeline
 from ul2x.trainer import checkpoints, upcycling
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.console import say
-from ul2x.trainer.data import DataStream
+from ul2x.trainer.data import DataStream, check_data_shards
 from ul2x.trainer.dry_run import DryRun
 from ul2x.trainer.dry_run import dry_run as dry_run_report
 from ul2x.trainer.evaluate import Evaluator
@@ -163,6 +163,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
+  check_data_shards(data_shards, batch_size)
   replicated = _report_replicated(job, max_replicated_param_bytes)
   step_options = dict(num_microbatches=num_microbatches, z_loss=z_loss,
                       moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss,
@@ -226,6 +227,7 @@ def _datasets(job: Setup, name: str, task_feature_lengths: dict, *, batch_size: 
   kwargs = dict(batch_size=batch_size, data_shards=data_shards, sharding=job.batch_sharding,
                 architecture=job.cfg.architecture, pack=pack, seed=seed)
   train_stream = DataStream(name, task_feature_lengths, "train", **kwargs)
+  train_stream.check_saveable()  # now, not at the first checkpoint
   if not eval_batches:
     return train_stream, None
   eval_stream = DataStream(name, task_feature_lengths, eval_split, **kwargs)

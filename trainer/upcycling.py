@@ -25,8 +25,10 @@ def _dense_params(path: str) -> dict:
   except ValueError as e:
     raise ValueError(f"train.init_from_dense_checkpoint={e}") from None
   manager = ocp.CheckpointManager(directory)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
   say(f"upcycling the dense checkpoint {directory} at step {step}")
   return jax.device_get(restored["state"]["params"])  # host arrays: placed by the caller's jit
 
