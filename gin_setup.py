@@ -32,6 +32,9 @@ def parse_flags(argv: list[str], description: str, add_flags=None) -> argparse.N
   parser.add_argument("--process_index", type=int, default=0, help="multi-host: this host")
   parser.add_argument("--distributed_timeout", type=int, default=300,
                       help="multi-host: seconds to wait for every process to join")
+  parser.add_argument("--peer_timeout", type=int, default=60,
+                      help="multi-host: seconds of silence after which a process is "
+                      "taken for dead (one line, exit 2)")
   parser.add_argument("--verbosity", type=int, default=0, choices=(0, 1),
                       help="0: ul2x's own lines and the warnings that matter; 1: also "
                       "TensorFlow's start-up lines and seqio's warnings")
@@ -116,7 +119,8 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
   args = parse_flags(argv, description, add_flags)
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index, timeout_s=args.distributed_timeout)
+                                      args.process_index, timeout_s=args.distributed_timeout,
+                                      peer_timeout_s=args.peer_timeout)
   if args.verbosity == 0:
     logging.getLogger("absl").addFilter(_SeqioNoiseFilter())
   if tasks:
@@ -168,3 +172,7 @@ def run_cli(main, argv=None) -> None:
   except (ConfigError, ValueError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
+  except Exception:
+    from ul2x.partitioning import peers
+    peers.wait_for_verdict()  # a dead peer is named in one line instead (exit 2)
+    raise

@@ -8,8 +8,10 @@ import threading
 import gin
 import jax
 from absl import logging
+from jax._src import distributed
 from jax.sharding import AxisType, Mesh
 
+from ul2x.partitioning.peers import jax_heartbeat_timeout, watch_peers
 from ul2x.partitioning.rules import MESH_AXES
 
 
@@ -67,10 +69,12 @@ def _exit_after(seconds: float, message: str) -> threading.Timer:
 
 
 def initialize_distributed(coordinator_address: str | None, process_count: int,
-                           process_index: int, timeout_s: int = 300) -> None:
+                           process_index: int, timeout_s: int = 300,
+                           peer_timeout_s: int = 60) -> None:
   """Multi-host start-up (T5X flags); a no-op for a single process. If the processes
   have not all joined within `timeout_s`, exits with one line naming this process and
-  the coordinator."""
+  the coordinator; later, a process silent for `peer_timeout_s` is named in one line
+  (partitioning/peers.py)."""
   if process_count <= 1:
     return
   if not coordinator_address:
@@ -79,8 +83,9 @@ def initialize_distributed(coordinator_address: str | None, process_count: int,
   if not 0 <= process_index < process_count:
     raise MeshError(
         f"--process_index={process_index} must be in [0, {process_count}).")
-  if timeout_s < 1:
-    raise MeshError(f"--distributed_timeout={timeout_s} must be at least 1 second.")
+  for flag, value in (("distributed_timeout", timeout_s), ("peer_timeout", peer_timeout_s)):
+    if value < 1:
+      raise MeshError(f"--{flag}={value} must be at least 1 second.")
   role = "is the coordinator" if process_index == 0 else "connects to the coordinator"
   timer = _exit_after(timeout_s, (
       f"process {process_index} of {process_count} ({role} at {coordinator_address}) saw "
@@ -89,8 +94,11 @@ def initialize_distributed(coordinator_address: str | None, process_count: int,
       "and its address is reachable, or raise --distributed_timeout."))
   try:
     jax.distributed.initialize(coordinator_address, process_count, process_index,
-                               initialization_timeout=timeout_s + 60)
+                               initialization_timeout=timeout_s + 60,
+                               heartbeat_timeout_seconds=jax_heartbeat_timeout(peer_timeout_s))
   finally:
     timer.cancel()
+  watch_peers(distributed.global_state.client, process_index, process_count,
+              coordinator_address, peer_timeout_s)
   logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,11 +1,13 @@
 """Two processes of 4 CPU devices joined by jax.distributed train on the same batches as
-one process of 8, and each resumes the other's checkpoint (`python -m ul2x.train`)."""
+one process of 8, and each resumes the other's checkpoint; a process that dies during
+training is named in one line by the survivor (`python -m ul2x.train`)."""
 
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -32,7 +34,7 @@ FLAGS = [
     "--gin.TransformerConfig.num_encoder_layers=1", "--gin.TransformerConfig.num_decoder_layers=1"]
 
 
-def start(model_dir, steps: int, processes: int) -> list[subprocess.Popen]:
+def start(model_dir, steps: int, processes: int, *extra: str) -> list[subprocess.Popen]:
   """Starts a train job of `processes` processes with 8 CPU devices in all."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -40,7 +42,7 @@ def start(model_dir, steps: int, processes: int) -> list[subprocess.Popen]:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
   command = [sys.executable, "-m", "ul2x.train", *FLAGS, f"--gin.MODEL_DIR='{model_dir}'",
-             f"--gin.TRAIN_STEPS={steps}"]
+             f"--gin.TRAIN_STEPS={steps}", *extra]
   if processes > 1:
     command += [f"--coordinator_address=127.0.0.1:{port}", f"--process_count={processes}"]
   return [subprocess.Popen(command + ([f"--process_index={i}"] if processes > 1 else []),
@@ -115,3 +117,26 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     assert_close(losses(model_dir), {s: reference[s] for s in (3, 4)})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  params(one, 4), params(model_dir, 4))
+
+
+def test_a_process_that_dies_during_training_is_named_in_one_line(tmp_path):
+  """SIGKILL process 1 after step 2: process 0, blocked in its next collective, exits
+  with status 2 and one line naming process 1 and the coordinator within --peer_timeout
+  (instead of JAX's abort after its heartbeat timeout)."""
+  survivor, victim = start(tmp_path / "run", 1000, 2, "--peer_timeout=10")
+  try:
+    for line in survivor.stdout:
+      if line.startswith("step 2/1000"):
+        victim.kill()
+        break
+    killed = time.monotonic()
+    _, err = survivor.communicate(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for process in (survivor, victim):
+      if process.poll() is None:
+        process.kill()
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert survivor.returncode == 2 and len(errors) == 1, err[-3000:]
+  assert "process 0 of 2" in errors[0] and "from process 1" in errors[0], errors[0]
+  assert "127.0.0.1:" in errors[0] and waited < 60, (errors[0], waited)
