@@ -6,6 +6,7 @@ neither TensorFlow nor seqio.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,13 @@ class Setup:
     """Sharding of every [batch, length] input feature."""
     return NamedSharding(self.mesh, partitioning.batch_spec(self.rules, self.mesh))
 
-  def abstract_state(self):
+  @functools.cached_property
+  def _abstract_state(self):
     return jax.eval_shape(self.init_fn)
+
+  def abstract_state(self):
+    """The state's shapes and dtypes (traced once per setup: start-up asks several times)."""
+    return self._abstract_state
 
   def abstract_batch(self, batch_size: int, lengths: dict[str, int]) -> dict:
     """The global batch the train step takes: each feature int32 [batch_size, length]
