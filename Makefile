@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 MODEL_DIR ?= runs/quickstart
 CPU8 := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: train test bench
+LIBTPU := .libtpu/.installed
+
+.PHONY: train test bench libtpu
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,7 +20,16 @@ train: $(STAMP)
 	$(CPU8) $(PY) -m ul2x.train --gin_file=gin_configs/experiments/quickstart.gin \
 	  --gin.MODEL_DIR="'$(MODEL_DIR)'"
 
-test: $(STAMP)
+# libtpu, the TPU compiler (the version jax pins), in its own folder: the tests compile
+# the TPU kernels with it in a subprocess, and `--dry_run_topology` uses it via PYTHONPATH.
+$(LIBTPU): $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target .libtpu "$$($(PY) -c \
+	  'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')"
+	touch $(LIBTPU)
+
+libtpu: $(LIBTPU)
+
+test: $(STAMP) $(LIBTPU)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)

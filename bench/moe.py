@@ -52,6 +52,7 @@ from ul2x.trainer.loop import train
 from ul2x.gin_setup import PACKAGE_DIR
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import training_flops_per_example
+from ul2x.model.layers import ACTIVATIONS
 from ul2x.model.moe import DISPATCHES, MoeMLP, expert_capacity, group_layout
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
@@ -116,7 +117,7 @@ def layer_dispatch_share(cfg, batch_size: int, dispatch: str, group_size: int,
   groups = batch_size * length // (rows * chunk)
   capacity = expert_capacity(rows * chunk, cfg.num_experts, cfg.capacity_factor)
   slots = jax.random.normal(jax.random.key(1), (groups, cfg.num_experts, capacity, cfg.emb_dim))
-  act = jax.nn.gelu
+  act = ACTIVATIONS[cfg.activation]  # the layer's own, so both sides run the same MLP
 
   def full(moe, x):
     y = moe(x)

@@ -24,13 +24,15 @@ class Tokens(NamedTuple):
   prefix: jax.Array | None = None
 
 
-def visible(q: Tokens, kv: Tokens, causal: bool):
+def visible(q: Tokens, kv: Tokens, causal: bool, outer: bool = True):
   """Boolean [..., q_len, kv_len] from tokens [..., q_len] and [..., kv_len]: the key is
   in the query's segment and not padding and, if causal, its position is <= the
   query's unless both tokens are in the bidirectional prefix (`q.prefix` not None).
-  Only indexing, comparisons and logic, so it also runs inside a Pallas kernel body."""
-  rows = lambda x: x[..., :, None]
-  cols = lambda x: x[..., None, :]
+  With `outer=False` the tokens come already as a column [..., q_len, 1] and a row
+  [..., 1, kv_len] (the TPU kernel's layout). Only indexing, comparisons and logic, so
+  it also runs inside a Pallas kernel body."""
+  rows = (lambda x: x[..., :, None]) if outer else (lambda x: x)
+  cols = (lambda x: x[..., None, :]) if outer else (lambda x: x)
   mask = (rows(q.segment_ids) == cols(kv.segment_ids)) & (cols(kv.segment_ids) != 0)
   if causal:
     allowed = cols(kv.positions) <= rows(q.positions)

@@ -10,10 +10,10 @@ backward kernel returns the table's gradient as per-bucket sums of dS.
 
 Lengths are padded internally to the block sizes (padding tokens get segment 0).
 Tiles in which no query can see any key (causal order, disjoint segments, all
-padding) are skipped with a `lax.cond` on per-tile minima and maxima. Lowering:
-Triton on GPU, `interpret=True` on CPU (chosen automatically); no Mosaic TPU
-lowering yet (see docs/flash_attention.md). Query rows that see no key are 0 with
-log-sum-exp -inf.
+padding) are skipped, decided from per-tile minima and maxima. Two kernel families
+with the same semantics: Triton for GPU (the bodies in kernels/flash_kernels.py) and
+Mosaic for TPU (kernels/flash_tpu.py), each also run with `interpret=True` on CPU
+(chosen automatically there). Query rows that see no key are 0 with log-sum-exp -inf.
 """
 
 import dataclasses
@@ -25,21 +25,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ul2x.kernels import flash_kernels as kernels
-from ul2x.kernels.flash_kernels import BlockSizes
+from ul2x.kernels import flash_tpu
+from ul2x.kernels.flash_kernels import SQ, BlockSizes, out_shapes, pad, padded, token_arrays
 from ul2x.kernels.attention_inputs import Tokens
-from ul2x.kernels.ring_attention import _vary_like
+from ul2x.kernels.ring_attention import vary_like
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
-_SQ = getattr(pl, "squeezed", None)  # a block dimension dropped in the kernel (None before)
-DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(128, 64, 64, 64), "cpu": BlockSizes(32, 32, 32, 32)}
+_MIN_TPU_BLOCK = flash_tpu.LANES  # key tiles are lane-dimension blocks on TPU
+DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(128, 64, 64, 64), "cpu": BlockSizes(32, 32, 32, 32),
+                       "tpu": BlockSizes(512, 512, 256, 256)}
 
 
-def _fit(block: int, length: int) -> int:
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
+def _fit(block: int, length: int, smallest: int) -> int:
+  return min(block, max(smallest, pl.next_power_of_2(length)))
 
 
 def _compiler_params(st: kernels.Config, head_dim: int):
-  if st.interpret or jax.default_backend() == "tpu":
+  if st.interpret:
     return None
   # Without Triton's parameters, jax >= 0.10 lowers pallas_call with Mosaic GPU,
   # which this kernel is not written for.
@@ -47,34 +49,9 @@ def _compiler_params(st: kernels.Config, head_dim: int):
   return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _padded(length: int, *blocks: int) -> int:
-  step = max(blocks)
-  return -(-length // step) * step
-
-
-def _pad(x, length: int, axis: int = 1):
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, length - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
-def _token_arrays(st: kernels.Config, tok: Tokens, length: int):
-  """The kernels' per-token inputs, int32 [batch, length]; padding gets segment 0."""
-  arrays = tok[:3] if st.prefix else tok[:2]
-  return [_pad(x.astype(jnp.int32), length) for x in arrays]
-
-
 def _table(table):
   """[heads, num_buckets] float32, buckets padded to a power of two for Triton."""
-  return _pad(table.astype(jnp.float32), pl.next_power_of_2(table.shape[1]), axis=1)
-
-
-def _out_shapes(args, *shapes):
-  """ShapeDtypeStructs of (shape, dtype) pairs, varying over the manual mesh axes of
-  any of `args` (inside shard_map, where the arguments are cast to vary alike)."""
-  mat = getattr(jax.typeof(args[0]), "mat", None)
-  kw = dict(manual_axis_type=mat) if mat is not None and mat.varying else {}
-  return [jax.ShapeDtypeStruct(shape, dtype, **kw) for shape, dtype in shapes]
+  return pad(table.astype(jnp.float32), pl.next_power_of_2(table.shape[1]), axis=1)
 
 
 def _specs(d: int, head=lambda h: h):
@@ -82,8 +59,8 @@ def _specs(d: int, head=lambda h: h):
   program index on GPU) so the programs reading one head's keys run together: rows of
   [b, L, heads, d] arrays and per-token [b, L] arrays, one tile (`i`) or whole (`0`)."""
   rows = lambda n, whole=False: pl.BlockSpec(
-      (_SQ, n, _SQ, d), lambda i, b, h: (b, 0 if whole else i, head(h), 0))
-  tokens = lambda n, whole=False: pl.BlockSpec((_SQ, n), lambda i, b, h: (b, 0 if whole else i))
+      (SQ, n, SQ, d), lambda i, b, h: (b, 0 if whole else i, head(h), 0))
+  tokens = lambda n, whole=False: pl.BlockSpec((SQ, n), lambda i, b, h: (b, 0 if whole else i))
   return rows, tokens
 
 
@@ -91,24 +68,24 @@ def _forward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, out_dtype=None):
   """(out [b, q_len, heads, d] in out_dtype or q's, lse [b, heads, q_len] float32)."""
   (b, lq, h, d), lk = q.shape, k.shape[1]
   bq, bk = st.blocks.q, st.blocks.kv
-  lq_p, lk_p = _padded(lq, bq, st.blocks.q_bwd), _padded(lk, bk, st.blocks.kv_bwd)
+  lq_p, lk_p = padded(lq, bq, st.blocks.q_bwd), padded(lk, bk, st.blocks.kv_bwd)
   rows, tokens = _specs(d)
   kv_rows, _ = _specs(d, lambda h: h // st.group)
-  qtoks, ktoks = _token_arrays(st, q_tok, lq_p), _token_arrays(st, kv_tok, lk_p)
-  args = [_pad(q, lq_p), _pad(k, lk_p), _pad(v, lk_p), *qtoks, *ktoks]
+  qtoks, ktoks = token_arrays(st, q_tok, lq_p), token_arrays(st, kv_tok, lk_p)
+  args = [pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), *qtoks, *ktoks]
   specs = ([rows(bq), kv_rows(lk_p, True), kv_rows(lk_p, True)]
            + [tokens(bq)] * len(qtoks) + [tokens(lk_p, True)] * len(ktoks))
   if table is not None:
     args.append(_table(table))
-    specs.append(pl.BlockSpec((_SQ, args[-1].shape[1]), lambda i, b, h: (h, 0)))
-  args = _vary_like(args, *args)
+    specs.append(pl.BlockSpec((SQ, args[-1].shape[1]), lambda i, b, h: (h, 0)))
+  args = vary_like(args, *args)
   kernel = functools.partial(kernels.forward_kernel, st=st, has_table=table is not None,
                              num_k=lk_p // bk)
   out, lse = pl.pallas_call(
       kernel, grid=(lq_p // bq, b, h), in_specs=specs,
-      out_specs=[rows(bq), pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
-      out_shape=_out_shapes(args, ((b, lq_p, h, d), out_dtype or q.dtype),
-                            ((b, h, lq_p), jnp.float32)),
+      out_specs=[rows(bq), pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, i))],
+      out_shape=out_shapes(args, ((b, lq_p, h, d), out_dtype or q.dtype),
+                           ((b, h, lq_p), jnp.float32)),
       interpret=st.interpret, compiler_params=_compiler_params(st, d),
       name="flash_attention_forward")(*args)
   return out[:, :lq], lse[:, :, :lq]
@@ -120,21 +97,21 @@ def _backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dou
   the forward's lse and delta = sum(out * dout, -1), both [b, heads, q_len]."""
   (b, lq, h, d), (lk, hk), g = q.shape, k.shape[1:3], st.group
   bq, bk = st.blocks.q_bwd, st.blocks.kv_bwd
-  lq_p, lk_p = _padded(lq, bq, st.blocks.q), _padded(lk, bk, st.blocks.kv)
+  lq_p, lk_p = padded(lq, bq, st.blocks.q), padded(lk, bk, st.blocks.kv)
   rows, tokens = _specs(d)
   kv_rows, _ = _specs(d, lambda h: h // g)
-  qtoks, ktoks = _token_arrays(st, q_tok, lq_p), _token_arrays(st, kv_tok, lk_p)
-  q, dout, k, v = _pad(q, lq_p), _pad(dout, lq_p), _pad(k, lk_p), _pad(v, lk_p)
-  lse, delta = _pad(lse, lq_p, axis=2), _pad(delta, lq_p, axis=2)
+  qtoks, ktoks = token_arrays(st, q_tok, lq_p), token_arrays(st, kv_tok, lk_p)
+  q, dout, k, v = pad(q, lq_p), pad(dout, lq_p), pad(k, lk_p), pad(v, lk_p)
+  lse, delta = pad(lse, lq_p, axis=2), pad(delta, lq_p, axis=2)
   table = [] if table is None else [_table(table)]
   args = [q, k, v, dout, lse, delta, *qtoks, *ktoks, *table]
-  args = _vary_like(args, *args)
+  args = vary_like(args, *args)
   has_table, params = bool(table), _compiler_params(st, d)
   dtype = lambda x: grad_dtype or x.dtype
 
   # dK, dV: grid over key/value heads; each reads the queries of its whole group.
-  group_rows = pl.BlockSpec((_SQ, lq_p, g, d), lambda j, b, h: (b, 0, h, 0))
-  group_stats = pl.BlockSpec((_SQ, g, lq_p), lambda j, b, h: (b, h, 0))
+  group_rows = pl.BlockSpec((SQ, lq_p, g, d), lambda j, b, h: (b, 0, h, 0))
+  group_stats = pl.BlockSpec((SQ, g, lq_p), lambda j, b, h: (b, h, 0))
   specs = ([group_rows, rows(bk), rows(bk), group_rows, group_stats, group_stats]
            + [tokens(lq_p, True)] * len(qtoks) + [tokens(bk)] * len(ktoks))
   if has_table:
@@ -142,34 +119,40 @@ def _backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dou
   dk, dv = pl.pallas_call(
       functools.partial(kernels.dkdv_kernel, st=st, has_table=has_table, num_q=lq_p // bq),
       grid=(lk_p // bk, b, hk), in_specs=specs, out_specs=[rows(bk), rows(bk)],
-      out_shape=_out_shapes(args, ((b, lk_p, hk, d), dtype(k)), ((b, lk_p, hk, d), dtype(v))),
+      out_shape=out_shapes(args, ((b, lk_p, hk, d), dtype(k)), ((b, lk_p, hk, d), dtype(v))),
       interpret=st.interpret, compiler_params=params, name="flash_attention_dkdv")(*args)
 
-  stats = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
+  stats = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, i))
   specs = ([rows(bq), kv_rows(lk_p, True), kv_rows(lk_p, True), rows(bq), stats, stats]
            + [tokens(bq)] * len(qtoks) + [tokens(lk_p, True)] * len(ktoks))
   out_specs, out_shape = [rows(bq)], [((b, lq_p, h, d), dtype(q))]
   if has_table:
     nb = table[0].shape[1]
-    specs.append(pl.BlockSpec((_SQ, nb), lambda i, b, h: (h, 0)))
-    out_specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, nb), lambda i, b, h: (b, h, i, 0)))
+    specs.append(pl.BlockSpec((SQ, nb), lambda i, b, h: (h, 0)))
+    out_specs.append(pl.BlockSpec((SQ, SQ, SQ, nb), lambda i, b, h: (b, h, i, 0)))
     out_shape.append(((b, h, lq_p // bq, nb), jnp.float32))
   dq, *dtable = pl.pallas_call(
       functools.partial(kernels.dq_kernel, st=st, has_table=has_table, num_k=lk_p // bk),
       grid=(lq_p // bq, b, h), in_specs=specs, out_specs=out_specs,
-      out_shape=_out_shapes(args, *out_shape), interpret=st.interpret,
+      out_shape=out_shapes(args, *out_shape), interpret=st.interpret,
       compiler_params=params, name="flash_attention_dq")(*args)
   dtable = dtable[0].sum(axis=(0, 2)) if has_table else None
   return dq[:, :lq], dk[:, :lk], dv[:, :lk], dtable
 
 
+def _kernels(st: kernels.Config):
+  """(forward, backward) of the configuration's kernel family."""
+  return (flash_tpu.forward, flash_tpu.backward) if st.platform == "tpu" else (
+      _forward, _backward)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: kernels.Config, q, k, v, q_tok, kv_tok, table):
-  return _forward(st, q, k, v, q_tok, kv_tok, table)
+  return _kernels(st)[0](st, q, k, v, q_tok, kv_tok, table)
 
 
 def _flash_forward(st, q, k, v, q_tok, kv_tok, table):
-  out, lse = _forward(st, q, k, v, q_tok, kv_tok, table)
+  out, lse = _kernels(st)[0](st, q, k, v, q_tok, kv_tok, table)
   return (out, lse), (q, k, v, q_tok, kv_tok, table, out, lse)
 
 
@@ -178,17 +161,31 @@ def _flash_backward(st, residuals, cotangents):
   dout, dlse = cotangents
   # d lse / d logits = P, so a log-sum-exp cotangent enters as dS = P (dP - delta + dlse).
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
-  dq, dk, dv, dtable = _backward(st, q, k, v, q_tok, kv_tok, table, lse, delta - dlse, dout)
+  dq, dk, dv, dtable = _kernels(st)[1](st, q, k, v, q_tok, kv_tok, table, lse, delta - dlse,
+                                       dout)
   if dtable is not None:
     dtable = dtable[:, :table.shape[1]].astype(table.dtype)
-  return dq, dk, dv, None, None, dtable
+  grads = [_sum_unvarying(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dtable, table))]
+  return *grads[:3], None, None, grads[3]
+
+
+def _sum_unvarying(grad, primal):
+  """Inside shard_map: `grad` summed over the manual mesh axes it varies over and its
+  primal does not (a bias table replicated over the batch axes gets the sum of every
+  batch shard's gradient), so the cotangent has its primal's type."""
+  if grad is None:
+    return None
+  varying = lambda x: set(getattr(jax.typeof(x), "mat", None) and jax.typeof(x).mat.varying
+                          or ())
+  extra = tuple(sorted(varying(grad) - varying(primal)))
+  return jax.lax.psum(grad, extra) if extra else grad
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
 def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scale,
-            block_sizes, interpret) -> kernels.Config:
+            block_sizes, interpret, platform) -> kernels.Config:
   """Checks the inputs; the kernels' static configuration."""
   if not q.ndim == k.ndim == v.ndim == 4 or k.shape != v.shape:
     raise ValueError(f"flash_attention takes q [batch, q_len, heads, head_dim] and k, v of "
@@ -208,31 +205,33 @@ def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scal
     raise ValueError(f"bias_table must be [heads={h}, num_buckets]; got {bias_table.shape}.")
   if causal and (q_prefix is None) != (kv_prefix is None):
     raise ValueError("prefix-LM attention needs both q_prefix and kv_prefix (or neither).")
+  backend = jax.default_backend()
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  platform = "cpu" if interpret else jax.default_backend()
-  if platform == "tpu":
-    raise NotImplementedError(
-        "flash_attention has no Mosaic TPU lowering yet: its [batch, length, heads, "
-        "head_dim] blocks break Mosaic's (8, 128) tiling (docs/flash_attention.md); pass "
-        "interpret=True or use attention='reference' / 'ring' on TPU.")
+    interpret = backend not in ("gpu", "tpu")
+  platform = platform or ("tpu" if backend == "tpu" else "gpu")
+  if platform not in ("gpu", "tpu"):
+    raise ValueError(f"flash_attention has kernels for platform 'gpu' (Triton) and 'tpu' "
+                     f"(Mosaic); got platform={platform!r}.")
   if platform == "gpu" and (d < _MIN_BLOCK or d & (d - 1)):
     raise ValueError(f"flash_attention on GPU needs a power-of-two head_dim >= {_MIN_BLOCK}; "
                      f"got {d}.")
-  blocks = block_sizes or DEFAULT_BLOCK_SIZES.get(platform, BlockSizes())
-  if any(n < 1 or n & (n - 1) for n in dataclasses.astuple(blocks)):
-    raise ValueError(f"block sizes must be powers of two; got {blocks}.")
-  blocks = BlockSizes(_fit(blocks.q, lq), _fit(blocks.kv, lk), _fit(blocks.q_bwd, lq),
-                      _fit(blocks.kv_bwd, lk))
+  blocks = block_sizes or DEFAULT_BLOCK_SIZES[
+      "cpu" if interpret and platform == "gpu" else platform]
+  smallest = _MIN_TPU_BLOCK if platform == "tpu" else _MIN_BLOCK
+  if any(n < smallest or n & (n - 1) for n in dataclasses.astuple(blocks)):
+    raise ValueError(f"flash_attention's {platform!r} block sizes must be powers of two "
+                     f">= {smallest}; got {blocks}.")
+  blocks = BlockSizes(_fit(blocks.q, lq, smallest), _fit(blocks.kv, lk, smallest),
+                      _fit(blocks.q_bwd, lq, smallest), _fit(blocks.kv_bwd, lk, smallest))
   return kernels.Config(bool(causal), bool(causal) and q_prefix is not None, float(scale),
-                        bucket_fn, h // hk, blocks, bool(interpret))
+                        bucket_fn, h // hk, blocks, bool(interpret), platform)
 
 
 def flash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                     causal: bool = False, q_prefix=None, kv_prefix=None, bias_table=None,
                     bucket_fn: Callable | None = None, scale: float = 1.0,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    return_lse: bool = False):
+                    platform: str | None = None, return_lse: bool = False):
   """Attention of q over k, v, differentiable in q, k, v and bias_table.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
@@ -241,13 +240,15 @@ def flash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_p
   function of int relative positions (key - query) to buckets in [0, num_buckets),
   e.g. model/position.py's `relative_position_bucket` with its settings bound.
   block_sizes: None for the platform's `DEFAULT_BLOCK_SIZES`; interpret: None for
-  interpret mode on CPU only. Returns out [batch, q_len, heads, head_dim] in q's
-  dtype, and with `return_lse` also the log-sum-exp of the logits [batch, heads,
-  q_len] float32 (-inf, with out 0, for queries that see no key).
+  interpret mode off GPU and TPU; platform: the kernels, 'gpu' (Triton) or 'tpu'
+  (Mosaic), None for this backend's (the GPU kernels on CPU). Returns out [batch,
+  q_len, heads, head_dim] in q's dtype, and with `return_lse` also the log-sum-exp of
+  the logits [batch, heads, q_len] float32 (-inf, with out 0, for queries that see no
+  key).
   """
   st = _static(q, k, v, causal=causal, q_prefix=q_prefix, kv_prefix=kv_prefix,
                bias_table=bias_table, bucket_fn=bucket_fn, scale=scale,
-               block_sizes=block_sizes, interpret=interpret)
+               block_sizes=block_sizes, interpret=interpret, platform=platform)
   q_tok = Tokens(q_segment_ids, q_positions, q_prefix if st.prefix else None)
   kv_tok = Tokens(kv_segment_ids, kv_positions, kv_prefix if st.prefix else None)
   for what, tok, x in (("q", q_tok, q), ("kv", kv_tok, k)):
@@ -271,17 +272,19 @@ class FlashBlockAttention:
   bucket_fn: Callable | None = None
   block_sizes: BlockSizes | None = None
   interpret: bool | None = None
+  platform: str | None = None
 
   def _static(self, q, k, q_tok, kv_tok, bias, causal, scale):
     return _static(q, k, k, causal=causal, q_prefix=q_tok.prefix, kv_prefix=kv_tok.prefix,
                    bias_table=None if bias is None else bias.params,
                    bucket_fn=None if bias is None else self.bucket_fn, scale=scale,
-                   block_sizes=self.block_sizes, interpret=self.interpret)
+                   block_sizes=self.block_sizes, interpret=self.interpret,
+                   platform=self.platform)
 
   def forward(self, q, k, v, q_tok, kv_tok, bias, acc, *, causal, scale):
     st = self._static(q, k, q_tok, kv_tok, bias, causal, scale)
-    out, lse = _forward(st, q, k, v, q_tok, kv_tok, None if bias is None else bias.params,
-                        jnp.float32)
+    out, lse = _kernels(st)[0](st, q, k, v, q_tok, kv_tok,
+                               None if bias is None else bias.params, jnp.float32)
     acc_out, acc_lse = acc
     total = jnp.logaddexp(acc_lse, lse)
     safe = jnp.where(total == -jnp.inf, 0.0, total)
@@ -292,8 +295,8 @@ class FlashBlockAttention:
                scale):
     st = self._static(q, k, q_tok, kv_tok, bias, causal, scale)
     table = None if bias is None else bias.params
-    dq, dk, dv, dtable = _backward(st, q, k, v, q_tok, kv_tok, table, lse, delta, dout,
-                                   jnp.float32)
+    dq, dk, dv, dtable = _kernels(st)[1](st, q, k, v, q_tok, kv_tok, table, lse, delta,
+                                         dout, jnp.float32)
     if dtable is not None:
       dtable = dtable[:, :table.shape[1]]
     return jax.tree.map(jnp.add, grads, (dq, dk, dv, dtable))

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -37,19 +38,49 @@ class Config:
   group: int  # query heads per key/value head
   blocks: BlockSizes
   interpret: bool
+  platform: str  # the kernel family: 'gpu' (Triton) or 'tpu' (Mosaic)
 
 
-def _dot(a, b, contract=(1, 1)):
+SQ = getattr(pl, "squeezed", None)  # a block dimension dropped in the kernel (None before)
+
+
+def padded(length: int, *blocks: int) -> int:
+  """`length` rounded up to the largest of `blocks`."""
+  step = max(blocks)
+  return -(-length // step) * step
+
+
+def pad(x, length: int, axis: int = 1):
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def token_arrays(st: Config, tok: Tokens, length: int):
+  """The kernels' per-token inputs, int32 [batch, length]; padding gets segment 0."""
+  arrays = tok[:3] if st.prefix else tok[:2]
+  return [pad(x.astype(jnp.int32), length) for x in arrays]
+
+
+def out_shapes(args, *shapes):
+  """ShapeDtypeStructs of (shape, dtype) pairs, varying over the manual mesh axes of
+  any of `args` (inside shard_map, where the arguments are cast to vary alike)."""
+  mat = getattr(jax.typeof(args[0]), "mat", None)
+  kw = dict(manual_axis_type=mat) if mat is not None and mat.varying else {}
+  return [jax.ShapeDtypeStruct(shape, dtype, **kw) for shape, dtype in shapes]
+
+
+def dot(a, b, contract=(1, 1)):
   """a . b over dims `contract` (default a @ b.T), accumulated in float32."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _read(refs, index) -> Tokens:
+def read_tokens(refs, index) -> Tokens:
   return Tokens(*(r[index] for r in refs), *([None] * (3 - len(refs))))
 
 
-def _may_see(qt: Tokens, kt: Tokens, causal: bool):
+def may_see(qt: Tokens, kt: Tokens, causal: bool):
   """`visible` bounded over a whole tile from per-token minima and maxima, cheap
   enough to decide whether to skip the tile. False only if no query of the tile can
   see any key: disjoint segment ranges, keys all padding, or (causal) every real key
@@ -71,7 +102,7 @@ def _may_see(qt: Tokens, kt: Tokens, causal: bool):
 
 def _logits(st: Config, q, k, qt: Tokens, kt: Tokens, table_lookup):
   """Masked float32 logits [q, k] (-inf where not visible) and the bias buckets."""
-  s = _dot(q, k)
+  s = dot(q, k)
   if st.scale != 1.0:
     s = s * st.scale
   buckets = None
@@ -85,7 +116,7 @@ def _probabilities(s, lse):
   return jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)[:, None])
 
 
-def _split(st: Config, refs, n_fixed: int, has_table: bool):
+def split_refs(st: Config, refs, n_fixed: int, has_table: bool):
   """(first n_fixed refs, q tokens, kv tokens, table or None, outputs)."""
   n_tok = 3 if st.prefix else 2
   fixed, rest = refs[:n_fixed], refs[n_fixed:]
@@ -95,14 +126,14 @@ def _split(st: Config, refs, n_fixed: int, has_table: bool):
 
 
 def forward_kernel(*refs, st: Config, has_table: bool, num_k: int):
-  (q_ref, k_ref, v_ref), qtok, ktok, table_ref, (o_ref, lse_ref) = _split(
+  (q_ref, k_ref, v_ref), qtok, ktok, table_ref, (o_ref, lse_ref) = split_refs(
       st, refs, 3, has_table)
   bq, bk = q_ref.shape[0], st.blocks.kv
-  q, qt = q_ref[...], _read(qtok, slice(None))
+  q, qt = q_ref[...], read_tokens(qtok, slice(None))
   lookup = None if table_ref is None else (lambda b: table_ref[b])
 
   def tile(j, carry):
-    kt = _read(ktok, pl.ds(j * bk, bk))
+    kt = read_tokens(ktok, pl.ds(j * bk, bk))
 
     def attend(carry):
       o, m, l = carry
@@ -112,10 +143,10 @@ def forward_kernel(*refs, st: Config, has_table: bool, num_k: int):
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       p = jnp.exp(s - m_safe[:, None])
       correction = jnp.exp(m - m_safe)
-      o = o * correction[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+      o = o * correction[:, None] + dot(p.astype(v.dtype), v, (1, 0))
       return o, m_new, l * correction + jnp.sum(p, axis=1)
 
-    return lax.cond(_may_see(qt, kt, st.causal), attend, lambda c: c, carry)
+    return lax.cond(may_see(qt, kt, st.causal), attend, lambda c: c, carry)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
@@ -129,12 +160,12 @@ def forward_kernel(*refs, st: Config, has_table: bool, num_k: int):
 def dkdv_kernel(*refs, st: Config, has_table: bool, num_q: int):
   """One key/value tile of one key/value head against every query of its group."""
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qtok, ktok, table_ref, (dk_ref, dv_ref) = (
-      _split(st, refs, 6, has_table))
+      split_refs(st, refs, 6, has_table))
   bq = st.blocks.q_bwd
-  k, v, kt = k_ref[...], v_ref[...], _read(ktok, slice(None))
+  k, v, kt = k_ref[...], v_ref[...], read_tokens(ktok, slice(None))
 
   def q_tile(i, carry, g):
-    qt = _read(qtok, pl.ds(i * bq, bq))
+    qt = read_tokens(qtok, pl.ds(i * bq, bq))
 
     def grads(carry):
       dk, dv = carry
@@ -143,12 +174,12 @@ def dkdv_kernel(*refs, st: Config, has_table: bool, num_q: int):
       lookup = None if table_ref is None else (lambda b: table_ref[g, b])
       s, _ = _logits(st, q, k, qt, kt, lookup)
       p = _probabilities(s, lse_ref[g, rows])
-      ds = p * (_dot(do, v) - delta_ref[g, rows][:, None])
+      ds = p * (dot(do, v) - delta_ref[g, rows][:, None])
       if st.scale != 1.0:
         ds = ds * st.scale
-      return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv + _dot(p.astype(do.dtype), do, (0, 0))
+      return dk + dot(ds.astype(q.dtype), q, (0, 0)), dv + dot(p.astype(do.dtype), do, (0, 0))
 
-    return lax.cond(_may_see(qt, kt, st.causal), grads, lambda c: c, carry)
+    return lax.cond(may_see(qt, kt, st.causal), grads, lambda c: c, carry)
 
   head = lambda g, carry: lax.fori_loop(0, num_q, functools.partial(q_tile, g=g), carry)
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -160,28 +191,28 @@ def dkdv_kernel(*refs, st: Config, has_table: bool, num_q: int):
 def dq_kernel(*refs, st: Config, has_table: bool, num_k: int):
   """One query tile of one head against every key; with a bias also the tile's
   per-bucket sums of dS (the gradient of the bias table)."""
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qtok, ktok, table_ref, outs = _split(
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qtok, ktok, table_ref, outs = split_refs(
       st, refs, 6, has_table)
   bk = st.blocks.kv_bwd
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  qt = _read(qtok, slice(None))
+  qt = read_tokens(qtok, slice(None))
   lookup = None if table_ref is None else (lambda b: table_ref[b])
 
   def tile(j, carry):
-    kt = _read(ktok, pl.ds(j * bk, bk))
+    kt = read_tokens(ktok, pl.ds(j * bk, bk))
 
     def grads(carry):
       dq, dtable = carry
       k, v = k_ref[pl.ds(j * bk, bk), :], v_ref[pl.ds(j * bk, bk), :]
       s, buckets = _logits(st, q, k, qt, kt, lookup)
-      ds = _probabilities(s, lse) * (_dot(do, v) - delta[:, None])
+      ds = _probabilities(s, lse) * (dot(do, v) - delta[:, None])
       if dtable is not None:
         dtable = _bucket_sums(ds, buckets, dtable)
       if st.scale != 1.0:
         ds = ds * st.scale
-      return dq + _dot(ds.astype(k.dtype), k, (1, 0)), dtable
+      return dq + dot(ds.astype(k.dtype), k, (1, 0)), dtable
 
-    return lax.cond(_may_see(qt, kt, st.causal), grads, lambda c: c, carry)
+    return lax.cond(may_see(qt, kt, st.causal), grads, lambda c: c, carry)
 
   dtable = None if table_ref is None else jnp.zeros(table_ref.shape, jnp.float32)
   dq, dtable = lax.fori_loop(0, num_k, tile, (jnp.zeros(q.shape, jnp.float32), dtable))

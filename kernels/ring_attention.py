@@ -59,7 +59,7 @@ class BlockAttentionFn(Protocol):
                scale): ...
 
 
-def _vary_like(tree, *refs):
+def vary_like(tree, *refs):
   """Marks `tree` as varying over the manual mesh axes `refs` vary over (inside
   shard_map), so loop carries keep one type and the transpose sums gradients."""
   axes = set()
@@ -142,7 +142,7 @@ class BlockwiseAttention:
       # The running state starts from the keys already seen: out_i with max lse_i and
       # denominator 1 is the same softmax as the unnormalized sums it came from.
       state = (out_i, lse_i, jnp.ones_like(lse_i))
-      acc_i, m, l = lax.fori_loop(0, lk // tk, kv_tile, _vary_like(state, q, k, bias))
+      acc_i, m, l = lax.fori_loop(0, lk // tk, kv_tile, vary_like(state, q, k, bias))
       seen = jnp.isfinite(m)
       l = jnp.where(seen, l, 1.0)
       out = _update(out, acc_i / jnp.swapaxes(l, 1, 2)[..., None], i * tq)
@@ -181,7 +181,7 @@ class BlockwiseAttention:
 
         def skip():
           zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-          return _vary_like((zeros(qi), zeros(kj), zeros(vj), jax.tree.map(zeros, params)),
+          return vary_like((zeros(qi), zeros(kj), zeros(vj), jax.tree.map(zeros, params)),
                             qi, kj, params)
 
         dq_j, dk_j, dv_j, dparams_j = lax.cond(jnp.any(mask), tile_grads, skip)
@@ -268,7 +268,7 @@ def _ring_forward(static: _Static, q, k, v, q_tok, kv_tok, params):
                                           causal=static.causal, scale=static.scale), tile
 
   b, lq, h, d = q.shape
-  acc = _vary_like((jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf)),
+  acc = vary_like((jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf)),
                    q, k, params)
   n = _ring_size(static.axis_name)
   if n == 1:
@@ -306,7 +306,7 @@ def _ring_backward(static: _Static, residuals, dout):
     return (dq, dparams), (kt, vt, tok, dk, dv)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  grads, dk, dv = _vary_like(((zeros(q), jax.tree.map(zeros, params)), zeros(k), zeros(v)),
+  grads, dk, dv = vary_like(((zeros(q), jax.tree.map(zeros, params)), zeros(k), zeros(v)),
                              q, k)
   block = (k, v, kv_tok)
   n = _ring_size(static.axis_name)
@@ -344,7 +344,7 @@ def ring_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_po
   prefix = causal and q_prefix is not None
   q_tok = Tokens(q_segment_ids, q_positions, q_prefix if prefix else None)
   kv_tok = Tokens(kv_segment_ids, kv_positions, kv_prefix if prefix else None)
-  params = None if bias is None else _vary_like(bias.params, q, k)
+  params = None if bias is None else vary_like(bias.params, q, k)
   static = _Static(bool(causal), float(scale), axis_name, block_attention,
                    None if bias is None else bias.fn)
   return _ring(static, q, k, v, q_tok, kv_tok, params)

@@ -141,22 +141,64 @@ def _log_flash_fallback(backend: str):
                   "dot_product_attention with a dense bias instead.", backend)
 
 
+_FLASH_PLATFORMS = ("gpu", "tpu")  # platforms with compiled flash kernels
+
+
 def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                                 kv_positions, causal=False, q_prefix=None, kv_prefix=None,
-                                bias=None, scale=1.0):
+                                bias=None, scale=1.0, interpret: bool | None = None):
   """The Pallas flash kernel (kernels/flash_attention.py) with the signature of
   `dot_product_attention`, but `bias` is a `PositionBias` of the T5 relative bias,
-  computed per tile. On a platform without a compiled kernel (CPU, TPU) it logs once
-  and uses the reference. Not yet under a sharded mesh: inputs are whole arrays."""
-  tokens = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                q_positions=q_positions, kv_positions=kv_positions, causal=causal,
-                q_prefix=q_prefix, kv_prefix=kv_prefix, scale=scale)
-  if jax.default_backend() != "gpu":
-    _log_flash_fallback(jax.default_backend())
+  computed per tile. The platform is the mesh's devices' (so a dry run for a TPU
+  topology compiles the TPU kernel), else the default backend's. On a platform without
+  a compiled kernel (not in `_FLASH_PLATFORMS`) it logs once and uses the reference;
+  `interpret=True` runs the kernel in Pallas interpret mode instead, on any platform
+  (for tests). Under `axis_rules` it runs in a shard_map over the mesh: batch and heads
+  split as the rules shard q (k/v heads and the bias table alike), whole sequences per
+  device; outside, on whole arrays."""
+  mesh, rules, axis, _ = _ring_axis()
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  if not interpret and platform not in _FLASH_PLATFORMS:
+    _log_flash_fallback(platform)
     dense = None if bias is None else bias(q_positions, kv_positions)
-    return dot_product_attention(q, k, v, bias=dense, **tokens)
-  table, bucket_fn = (None, None) if bias is None else (bias.params, _bucket_fn(bias.fn))
-  return flash.flash_attention(q, k, v, bias_table=table, bucket_fn=bucket_fn, **tokens)
+    return dot_product_attention(
+        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions, causal=causal,
+        q_prefix=q_prefix, kv_prefix=kv_prefix, bias=dense, scale=scale)
+  q_tok = Tokens(q_segment_ids, q_positions, q_prefix)
+  kv_tok = Tokens(kv_segment_ids, kv_positions, kv_prefix)
+  bucket_fn = None if bias is None else _bucket_fn(bias.fn)
+
+  def attend(q, k, v, q_tok, kv_tok, bias):
+    return flash.flash_attention(
+        q, k, v, q_segment_ids=q_tok.segment_ids, kv_segment_ids=kv_tok.segment_ids,
+        q_positions=q_tok.positions, kv_positions=kv_tok.positions, causal=causal,
+        q_prefix=q_tok.prefix, kv_prefix=kv_tok.prefix, scale=scale,
+        bias_table=None if bias is None else bias.params, bucket_fn=bucket_fn,
+        interpret=bool(interpret), platform=platform if platform in _FLASH_PLATFORMS else None)
+
+  if mesh is None:
+    return attend(q, k, v, q_tok, kv_tok, bias)
+  if axis is not None:
+    raise ValueError(f"attention='flash' needs whole sequences per device, but the rules "
+                     f"split length over {axis!r}; use attention='ring' for sequence sharding.")
+  names = ("batch", "length", "heads", "kv")
+  q_spec = (*logical_to_spec(names, rules, dict(mesh.shape), q.shape), None, None, None)
+  batch, heads = q_spec[0], q_spec[2]
+  shards = math.prod(mesh.shape[a] for a in mesh_axes(heads))
+  if k.shape[2] % shards:
+    raise ValueError(
+        f"attention='flash' splits the {q.shape[2]} query heads over {heads!r} ({shards} "
+        f"devices) as the rules give, but the {k.shape[2]} key/value heads are not a "
+        f"multiple of {shards}; use a multiple of {shards} key/value heads or fix the rules.")
+  spec = PartitionSpec(batch, None, heads)
+  per_token = lambda tok: jax.tree.map(lambda _: PartitionSpec(batch), tok)
+  in_specs = (spec, spec, spec, per_token(q_tok), per_token(kv_tok),
+              jax.tree.map(lambda _: PartitionSpec(heads), bias))
+  # check_vma=False in interpret mode: jax 0.10's Pallas interpreter loses varying axes.
+  sharded = jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                          check_vma=not interpret)
+  return sharded(q, k, v, q_tok, kv_tok, bias)
 
 
 def stack_bias(relative_bias, positions, attention: str):

@@ -98,6 +98,19 @@ def replicated_summary(replicated: list[ReplicatedParam], num_params: int) -> st
           f"{human_bytes(top.nbytes)}: {top.reason}")
 
 
+def byte_limit(value, option: str) -> int | None:
+  """`value` (an `option` such as 'train.max_replicated_param_bytes') as a whole number
+  of bytes: an integral float from gin (1e6) becomes 1000000; None stays None. Raises
+  naming the value for a fraction, a negative, a bool or a non-number."""
+  if value is None:
+    return None
+  limit = int(value) if isinstance(value, float) and value.is_integer() else value
+  if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+    raise ValueError(f"{option}={value!r} is not a number of bytes; pass a whole number "
+                     f"of bytes, e.g. --gin.{option}=1048576 (or 1e6), or None for no limit.")
+  return limit
+
+
 def check_replicated(replicated: list[ReplicatedParam], limit: int | None, option: str):
   """Raises naming the largest replicated parameter if it is over `limit` bytes
   (None: no limit); `option` is the setting's name for the message."""

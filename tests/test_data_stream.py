@@ -7,6 +7,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
 import ul2x.tasks  # registers the default tasks
+import ul2x.trainer.data
 from ul2x import partitioning
 from ul2x.trainer.checkpoints import IncompatibleCheckpointError
 from ul2x.trainer.data import DataStream
@@ -105,3 +106,29 @@ def test_a_pipeline_tf_data_cannot_save_stops_the_job_before_any_write(tmp_path)
           task_feature_lengths={"inputs": 8, "targets": 8}, eval_every=0,
           model_config=TransformerConfig(), batch_size=8)
   assert not model_dir.exists()
+
+
+@pytest.mark.parametrize("unsaveable, reason", [
+    (lambda ids: ids.map(lambda i: tf.py_function(lambda x: x, [i], tf.int64)),
+     "EagerPyFunc is stateful."),
+    # tf.data raises UnimplementedError saving this one, FailedPreconditionError checking it.
+    (lambda ids: ids.apply(tf.data.experimental.prefetch_to_device("/cpu:0")), None)],
+    ids=["py_function", "prefetch_to_device"])
+def test_check_saveable_and_save_refuse_a_pipeline_in_one_same_line(
+    tmp_path, monkeypatch, unsaveable, reason):
+  def get_dataset(*args, **kwargs):
+    return unsaveable(tf.data.Dataset.range(1000)).map(lambda i: {"targets": tf.fill([4], i)})
+
+  monkeypatch.setattr(ul2x.trainer.data.pipeline, "get_dataset", get_dataset)
+  data = stream(data_shards=1)
+  messages = []
+  for refuse in (data.check_saveable, lambda: (next(data), data.save(str(tmp_path)))):
+    with pytest.raises(ValueError, match=r"^the input pipeline of 'ul2x_span_corruption' "
+                       r"cannot be checkpointed \(.+\): every dataset op must be one tf.data "
+                       r"can save") as refused:
+      refuse()
+    messages.append(str(refused.value))
+  for message in messages:
+    assert "\n" not in message and "{{function_node" not in message and "[Op:" not in message
+  if reason:
+    assert messages[0] == messages[1] and f"({reason})" in messages[0]

@@ -55,6 +55,34 @@ def test_bytes_per_device_equal_the_real_state_shards(measured):
   assert r["step_time_bound_s"] == pytest.approx(r["flops_per_step"] / (1e12 * 8))
 
 
+def test_a_step_the_compiler_refuses_does_not_fit(measured, monkeypatch):
+  """The TPU compiler refuses a step whose temporaries exceed the chip's memory (as it
+  does for the reference attention at long lengths): the verdict says so in one line
+  with the compiler's figure; other compile errors propagate."""
+  job, _ = measured
+  refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+             "for HLO temporaries (34.20G) exceeds available HBM (15.75G).\ndetails")
+
+  def refuse(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(refusal)
+
+  monkeypatch.setattr(dry_run, "compile_train_step", refuse)
+  measure = lambda: dry_run.measure(job, batch_size=BATCH, task_feature_lengths=LENGTHS,
+                                    step_options={})
+  r = dry_run.judge(measure(), None)
+  assert r["fits"] is False and r["total_bytes"] is None and r["params_bytes"] > 0
+  r["replicated"] = []
+  lines = dry_run.format_report(r).splitlines()
+  assert lines[0].startswith("dry run: train step refused in ")
+  assert lines[-1] == (
+      "verdict: does not fit: the cpu compiler refused the step (" + refusal.splitlines()[0]
+      + "); shard more (create_mesh.fsdp / tensor), raise train.num_microbatches or use "
+      "more devices.")
+  refusal = "INTERNAL: something else"
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    measure()
+
+
 def test_verdict_flips_at_the_needed_memory(measured):
   job, r = measured
   need = r["total_bytes"]
@@ -82,12 +110,16 @@ def test_max_replicated_param_bytes_stops_the_job_before_any_work(tmp_path, caps
   args = dict(model_dir=str(tmp_path / "run"), train_steps=2, model_config=TINY, batch_size=8,
               mixture_or_task_name="ul2x_span_corruption", task_feature_lengths=LENGTHS,
               mesh=partitioning.create_mesh(data=4, tensor=2))
+  # 1e2 as gin passes --gin.train.max_replicated_param_bytes=1e2: a float, read as 100.
   with pytest.raises(ValueError, match=r"parameter \S+/scale \(32,\) \(128 bytes\) stays "
                      r"replicated on every device .* over train.max_replicated_param_bytes=100;"):
-    loop.train(**args, max_replicated_param_bytes=100)
+    loop.train(**args, max_replicated_param_bytes=1e2)
   assert "replicated parameters: " in capsys.readouterr().out
   with pytest.raises(ValueError, match=r"max_replicated_param_bytes=-1 is not a number of bytes"):
     loop.train(**args, max_replicated_param_bytes=-1)
+  with pytest.raises(ValueError, match=r"max_replicated_param_bytes=1.5 is not a number of bytes; "
+                     r"pass a whole number of bytes"):
+    loop.train(**args, max_replicated_param_bytes=1.5)
   assert not (tmp_path / "run").exists()
 
 

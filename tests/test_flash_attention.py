@@ -6,7 +6,12 @@ model's CPU fallback; and the kernel as ring attention's block function."""
 
 import dataclasses
 import functools
+import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -105,14 +110,15 @@ def _reference(case: Case, q, k, v, table, q_tok, kv_tok):
   return out, jax.nn.logsumexp(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1)
 
 
-def _flash(case: Case, q, k, v, table, q_tok, kv_tok, interpret=True, block_sizes=BLOCKS):
+def _flash(case: Case, q, k, v, table, q_tok, kv_tok, interpret=True, block_sizes=BLOCKS,
+           platform=None):
   rel = _relative_bias(case)
   buckets = functools.partial(relative_position_bucket, bidirectional=rel.bidirectional,
                               num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
   return flash.flash_attention(
       q, k, v, bias_table=table if case.bias else None,
       bucket_fn=buckets if case.bias else None, block_sizes=block_sizes, interpret=interpret,
-      return_lse=True, **_mask_kwargs(case, q_tok, kv_tok))
+      platform=platform, return_lse=True, **_mask_kwargs(case, q_tok, kv_tok))
 
 
 @functools.cache
@@ -175,6 +181,9 @@ def test_tiles_above_the_causal_diagonal_are_skipped():
     (dict(k=jnp.zeros((1, 8, 3, 64)), v=jnp.zeros((1, 8, 3, 64))), "not a multiple of 3"),
     (dict(bias_table=jnp.zeros((2, 32))), "bias_table and bucket_fn together"),
     (dict(block_sizes=flash.BlockSizes(24, 16, 16, 16)), "powers of two"),
+    (dict(block_sizes=flash.BlockSizes(64, 128, 128, 128), platform="tpu"),
+     "'tpu' block sizes must be powers of two >= 128"),
+    (dict(platform="xpu"), "platform 'gpu' .* and 'tpu' .*; got platform='xpu'"),
     (dict(kv_positions=jnp.ones((1, 9), jnp.int32)), r"kv segment ids.*\(1, 8\)"),
 ])
 def test_bad_inputs_raise(change, message):
@@ -266,6 +275,56 @@ def test_lowers_to_triton_for_gpu():
   assert module.count(f"custom_call @{triton}") == 3
 
 
+# The TPU (Mosaic) kernels: interpret mode here, compiled for TPU with libtpu below.
+
+TPU_BLOCKS = flash.BlockSizes(128, 128, 128, 128)  # the smallest TPU tiles
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tpu_kernels_match_reference_interpret(name):
+  _check(CASES[name], block_sizes=TPU_BLOCKS, platform="tpu")
+
+
+def test_tpu_kernels_match_reference_over_several_tiles_interpret():
+  """3 query x 3 key tiles of 128, padded, packed: the tile loop, the prefetched tile
+  visibility and the bias-gradient sums across tiles."""
+  _check(dataclasses.replace(CASES["prefix-bias-packed-gqa"], q_len=300, kv_len=260),
+         block_sizes=TPU_BLOCKS, platform="tpu")
+
+
+def test_tpu_tiles_above_the_causal_diagonal_are_skipped():
+  """As for the GPU kernels: a NaN in the last key reaches only the last query tile."""
+  case = dataclasses.replace(CASES["causal-plain-bf16-gqa-d128"], q_len=300, kv_len=300)
+  (q, k, v, table), _, tokens = _inputs(case)
+  attend = functools.partial(_flash, block_sizes=TPU_BLOCKS, platform="tpu")
+  out, _ = jax.jit(attend, static_argnums=0)(case, q, k, v.at[:, -1].set(jnp.nan), table,
+                                             *tokens)
+  rows_with_nan = np.flatnonzero(np.isnan(np.asarray(out)).any(axis=(0, 2, 3)))
+  np.testing.assert_array_equal(rows_with_nan, np.arange(256, case.q_len))
+
+
+LIBTPU = pathlib.Path(__file__).parents[1] / ".libtpu"
+
+
+@pytest.mark.skipif(not (LIBTPU / "libtpu").is_dir(),
+                    reason="needs libtpu in .libtpu (`make libtpu`; `make test` installs it)")
+def test_tpu_kernels_compile_for_tpu_with_libtpu():
+  """Forward, dK/dV and dQ of every case compile with libtpu's Mosaic compiler for a TPU
+  v5e, on this TPU-less host (a subprocess, so libtpu stays out of this process); so
+  does the model's flash path in its shard_map over 4 TPU devices (varying axes
+  checked, the bias table's gradient summed over the batch shards), gathering nothing."""
+  env = dict(os.environ, PYTHONPATH=str(LIBTPU), TPU_SKIP_MDS_QUERY="1",
+             JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no TPU to lock
+  run = subprocess.run([sys.executable, "tpu_compile.py", "v5e:2x2"], env=env,
+                       cwd=pathlib.Path(__file__).parent, capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [line["case"] for line in lines] == [*CASES, "model-sharded"]
+  assert all(line["kernels"] == 3 and line["device_kind"] == "TPU v5 lite" for line in lines)
+  assert lines[-1]["all_gathers"] == 0
+
+
 COMPILED_CASES = {
     name: dataclasses.replace(case, q_len=case.q_len * 27, kv_len=case.kv_len * 27)
     for name, case in CASES.items()}
@@ -278,8 +337,58 @@ def test_matches_reference_gpu(name):
 
 
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Mosaic kernel)")
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="no Mosaic TPU lowering yet (docs/flash_attention.md)")
 @pytest.mark.parametrize("name", list(COMPILED_CASES))
 def test_matches_reference_tpu(name):
   _check(COMPILED_CASES[name], interpret=False, block_sizes=None)
+
+
+# The model's flash path under a sharded mesh (interpret mode on the simulated CPU devices).
+
+MESH_RULES = partitioning.standard_logical_axis_rules()
+SHARDED_CASE = Case("prefix", heads=4, kv_heads=2, head_dim=16, q_len=40, kv_len=40, batch=4)
+
+
+def _model_flash(mesh, case: Case, q, k, v, table, q_tok, kv_tok):
+  """(out, zero lse) of the model's flash path in interpret mode under axis_rules."""
+  with partitioning.axis_rules(mesh, MESH_RULES):
+    out = attention.flash_dot_product_attention(
+        q, k, v, bias=PositionBias(table, _relative_bias(case)), interpret=True,
+        **_mask_kwargs(case, q_tok, kv_tok))
+  return out, jnp.zeros((q.shape[0], q.shape[2], q.shape[1]))
+
+
+def test_model_flash_shards_batch_and_heads_without_gathering():
+  """On data=2, fsdp=2, tensor=2 the model's flash path runs in a shard_map over batch
+  (data+fsdp) and heads (tensor; grouped k/v heads and the bias table alike): outputs
+  and gradients of q, k, v and the table equal the unsharded reference with the dense
+  bias, and the compiled step gathers nothing."""
+  case = SHARDED_CASE
+  tensors, (ct, _), tokens = _inputs(case)
+  no_lse = jnp.zeros((case.batch, case.heads, case.q_len))
+  mesh = partitioning.create_mesh(data=2, fsdp=2, tensor=2)
+  put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  x, tok = P(("data", "fsdp"), None, "tensor"), P(("data", "fsdp"))
+  args = (*(put(a, x) for a in tensors[:3]), put(tensors[3], P("tensor")), put(ct, x), no_lse,
+          put(tokens[0], tok), put(tokens[1], tok))
+  compiled = _grad_fn(functools.partial(_model_flash, mesh), case).lower(*args).compile()
+  assert "all-gather" not in compiled.as_text()
+  (_, (got, _)), got_grads = compiled(*args)
+  (_, (want, _)), want_grads = _grad_fn(_reference, case)(*tensors, ct, no_lse, *tokens)
+  real = np.asarray(tokens[0].segment_ids > 0)[..., None, None]
+  _assert_close(np.asarray(got) * real, np.asarray(want) * real, 2e-5, "out")
+  for name, g, w in zip(("dq", "dk", "dv", "dtable"), got_grads, want_grads):
+    _assert_close(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("mesh_sizes,kv_heads,message", [
+    (dict(data=2, sequence=4), 2, "needs whole sequences per device.*use attention='ring'"),
+    (dict(data=2, tensor=4), 2, "the 2 key/value heads are not a multiple of 4"),
+])
+def test_model_flash_rejects_length_sharding_and_indivisible_kv_heads(mesh_sizes, kv_heads,
+                                                                      message):
+  case = dataclasses.replace(SHARDED_CASE, kv_heads=kv_heads, q_len=16, kv_len=16)
+  tensors, _, tokens = _inputs(case)
+  mesh = partitioning.create_mesh(**mesh_sizes)
+  with pytest.raises(ValueError, match=message) as error:
+    jax.eval_shape(functools.partial(_model_flash, mesh, case), *tensors, *tokens)
+  assert "\n" not in str(error.value)

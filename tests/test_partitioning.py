@@ -90,6 +90,19 @@ def test_additional_rules_take_precedence_over_the_standard_ones():
     partitioning.standard_logical_axis_rules(additional_rules=[("vocab", "tensr")])
 
 
+def test_byte_limit_takes_whole_numbers_of_bytes_from_gin():
+  option = "train.max_replicated_param_bytes"
+  assert report.byte_limit(None, option) is None
+  assert report.byte_limit(1048576, option) == 1048576
+  limit = report.byte_limit(1e6, option)  # gin reads 1e6 as a float
+  assert limit == 1000000 and isinstance(limit, int)
+  for bad in (1.5, -1, -1.0, True, "1MB", float("inf"), float("nan")):
+    with pytest.raises(ValueError, match=rf"^train.max_replicated_param_bytes={bad!r} is not "
+                       r"a number of bytes; pass a whole number of bytes, e\.g\. "
+                       r"--gin.train.max_replicated_param_bytes=1048576 \(or 1e6\)"):
+      report.byte_limit(bad, option)
+
+
 def test_replicated_report_names_an_unshardable_parameter():
   # 3 heads do not divide over tensor=2, and fsdp=1 leaves embed nothing to shard over.
   job = setup(dataclasses.replace(TINY, num_heads=3),

@@ -3,6 +3,7 @@ not of the host count; this process's rows of each; their position saved as tf.d
 iterator state, so resuming at step 1,000,000 costs what resuming at step 10 does."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,6 +13,23 @@ from ul2x.tasks import pipeline  # first: hides GPUs from TensorFlow
 import tensorflow as tf  # noqa: E402  (after the GPU is hidden)
 
 from ul2x.trainer.checkpoints import IncompatibleCheckpointError  # noqa: E402
+
+
+# What tf.data raises for a pipeline it cannot save: an op with external state
+# (FailedPrecondition; InvalidArgument in TF 1.x) or a dataset without checkpoint
+# support, e.g. prefetch_to_device (Unimplemented). `save` and `check_saveable` catch
+# these and only these: an error writing the files is not the pipeline's fault.
+_UNSAVEABLE_ERRORS = (tf.errors.FailedPreconditionError, tf.errors.InvalidArgumentError,
+                      tf.errors.UnimplementedError)
+
+
+def _tf_reason(error: tf.errors.OpError) -> str:
+  """tf.data's reason without the op wrapping around it, the same from the graph check
+  and from a save: 'EagerPyFunc is stateful.'"""
+  line = error.message.splitlines()[0] if error.message else type(error).__name__
+  line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
+  line = re.sub(r"\s*\[Op:\w+\].*$", "", line)
+  return line.removeprefix("Failed to serialize the input pipeline graph: ")
 
 
 def process_rows(sharding: NamedSharding, batch_size: int) -> dict[int, list[int]]:
@@ -100,7 +118,7 @@ class DataStream:
     for k in self._writes:
       try:
         tf.train.Checkpoint(iterator=self._iterator(k)).write(self._prefix(directory, k))
-      except tf.errors.FailedPreconditionError as e:  # an op with state tf.data cannot save
+      except _UNSAVEABLE_ERRORS as e:
         raise self._unsaveable(e) from None
 
   def check_saveable(self) -> None:
@@ -111,15 +129,15 @@ class DataStream:
       try:  # 2: fail on external state, as iterator checkpoints do
         tf.raw_ops.DatasetToGraphV2(input_dataset=self._datasets[k]._variant_tensor,
                                     external_state_policy=2)
-      except tf.errors.FailedPreconditionError as e:
+      except _UNSAVEABLE_ERRORS as e:
         raise self._unsaveable(e) from None
 
   def _unsaveable(self, error) -> ValueError:
     return ValueError(
         f"the input pipeline of {self._name!r} cannot be checkpointed "
-        f"({error.message.splitlines()[0]}): every dataset op must be one tf.data can "
-        "save (no py_function); see docs/data.md#resume-the-inputs-position-is-in-"
-        "the-checkpoint.")
+        f"({_tf_reason(error)}): every dataset op must be one tf.data can save (no "
+        "py_function, no prefetch_to_device); see docs/data.md#resume-the-inputs-position-"
+        "is-in-the-checkpoint.")
 
   def restore(self, directory: str) -> None:
     """Continues each of this process's shards where `save` left it. Raises

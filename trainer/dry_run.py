@@ -2,6 +2,7 @@
 configured mesh, without data or training, and what they need per device."""
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -47,15 +48,21 @@ class TopologyDevices(tuple):
 def topology_devices(name: str) -> TopologyDevices:
   """Compile-only devices of the TPU topology `name`, e.g. 'v5e:4x4' or 'v5p:2x2x2'.
   They need JAX's TPU support (the libtpu package: `pip install 'jax[tpu]'`), which
-  compiles for a TPU on any machine; JAX has no such topologies for GPUs."""
+  compiles for a TPU on any machine (`make libtpu`, then PYTHONPATH=.libtpu); JAX has no
+  such topologies for GPUs."""
   from jax.experimental import topologies
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
+    # This process never opens a TPU, so it need not hold libtpu's one-process lock
+    # (/tmp/libtpu_lockfile): several dry runs can compile side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return TopologyDevices(topologies.get_topology_desc(name, platform="tpu").devices)
   except (RuntimeError, NotImplementedError, ValueError) as e:
     cause = " ".join(str(e).split())[:200]
     raise ValueError(
         f"--dry_run_topology={name!r} gives no devices here ({cause}); compiling for a TPU "
-        "topology needs JAX's TPU support (pip install 'jax[tpu]') and a name such as "
+        "topology needs JAX's TPU support (`make libtpu` and PYTHONPATH=.libtpu, or pip "
+        "install 'jax[tpu]') and a name such as "
         "'v5e:4x4'; without it, simulate the device count with "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N.") from None
 
@@ -88,10 +95,16 @@ def measure(job: Setup, *, batch_size: int, task_feature_lengths: dict, step_opt
   total), flops_per_step, and step_time_bound_s (at 100% MFU; None without a peak)."""
   lengths = pipeline.feature_lengths_for(job.cfg.architecture, task_feature_lengths)
   start = time.perf_counter()
-  compiled = compile_train_step(job, batch_size, lengths, **step_options)
+  try:
+    memory = compile_train_step(job, batch_size, lengths, **step_options).memory_analysis()
+    out_of_memory = None
+  except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses what cannot fit
+    if not str(error).startswith("RESOURCE_EXHAUSTED"):
+      raise
+    memory, out_of_memory = None, str(error).splitlines()[0]
   compile_s = time.perf_counter() - start
   state = job.abstract_state()
-  memory = compiled.memory_analysis()
+  bytes_of = lambda name: None if memory is None else getattr(memory, f"{name}_size_in_bytes")
   result = {
       "devices": job.mesh.size,
       "device_kind": job.mesh.devices.flat[0].device_kind,
@@ -100,12 +113,13 @@ def measure(job: Setup, *, batch_size: int, task_feature_lengths: dict, step_opt
       "compile_seconds": compile_s,
       "params_bytes": report.bytes_per_device(state["params"], job.shardings["params"]),
       "opt_state_bytes": report.bytes_per_device(state["opt_state"], job.shardings["opt_state"]),
-      "arguments_bytes": memory.argument_size_in_bytes,
-      "outputs_bytes": memory.output_size_in_bytes,
-      "aliased_bytes": memory.alias_size_in_bytes,
-      "temp_bytes": memory.temp_size_in_bytes,
-      "total_bytes": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+      "arguments_bytes": bytes_of("argument"),
+      "outputs_bytes": bytes_of("output"),
+      "aliased_bytes": bytes_of("alias"),
+      "temp_bytes": bytes_of("temp"),
+      "total_bytes": memory and (bytes_of("argument") + bytes_of("output")
+                                 - bytes_of("alias") + bytes_of("temp")),
+      "compiler_out_of_memory": out_of_memory,
       "flops_per_step": batch_size * training_flops_per_example(job.cfg, lengths),
   }
   peak = (peak_tflops * 1e12 if peak_tflops is not None
@@ -116,8 +130,12 @@ def measure(job: Setup, *, batch_size: int, task_feature_lengths: dict, step_opt
 
 
 def judge(result: dict, device_memory_bytes: int | None) -> dict:
-  """`result` with device_memory_bytes and fits: True, False, or None (unknown memory)."""
-  fits = None if device_memory_bytes is None else result["total_bytes"] <= device_memory_bytes
+  """`result` with device_memory_bytes and fits: True, False, or None (unknown memory);
+  False when the compiler itself ran out of device memory."""
+  if result["compiler_out_of_memory"]:
+    fits = False
+  else:
+    fits = None if device_memory_bytes is None else result["total_bytes"] <= device_memory_bytes
   return {**result, "device_memory_bytes": device_memory_bytes, "fits": fits}
 
 
@@ -135,6 +153,11 @@ def dry_run(job: Setup, options: DryRun, *, batch_size: int, task_feature_length
 
 def verdict(r: dict) -> str:
   """The report's last line, e.g. 'fits: needs 10.7 MiB per device of 16.0 GiB.'"""
+  advice = ("shard more (create_mesh.fsdp / tensor), raise train.num_microbatches or use "
+            "more devices.")
+  if r["compiler_out_of_memory"]:
+    return (f"does not fit: the {r['device_kind']} compiler refused the step "
+            f"({r['compiler_out_of_memory']}); {advice}")
   need = report.human_bytes(r["total_bytes"])
   if r["fits"] is None:
     return (f"fit unknown: needs {need} per device and this device does not report its "
@@ -142,8 +165,7 @@ def verdict(r: dict) -> str:
   have = report.human_bytes(r["device_memory_bytes"])
   if r["fits"]:
     return f"fits: needs {need} per device of {have}."
-  return (f"does not fit: needs {need} per device, more than {have}; shard more "
-          "(create_mesh.fsdp / tensor), raise train.num_microbatches or use more devices.")
+  return f"does not fit: needs {need} per device, more than {have}; {advice}"
 
 
 def _duration(seconds: float) -> str:
@@ -156,16 +178,19 @@ def format_report(r: dict) -> str:
   b = report.human_bytes
   mesh = " ".join(f"{a}={n}" for a, n in r["mesh"].items())
   lines = [
-      f"dry run: train step compiled in {r['compile_seconds']:.1f} s for {r['devices']} x "
+      f"dry run: train step {'refused' if r['compiler_out_of_memory'] else 'compiled'} in "
+      f"{r['compile_seconds']:.1f} s for {r['devices']} x "
       f"{r['device_kind']}, mesh {mesh}; batch {r['batch']}",
       f"  parameters       {b(r['params_bytes'])} per device",
       f"  optimizer state  {b(r['opt_state_bytes'])} per device",
-      f"  step arguments   {b(r['arguments_bytes'])} (state + batch), outputs "
-      f"{b(r['outputs_bytes'])}, {b(r['aliased_bytes'])} of them in donated buffers",
-      f"  temporaries      {b(r['temp_bytes'])}",
-      f"  total            {b(r['total_bytes'])} per device "
-      "(arguments + outputs - donated + temporaries)",
   ]
+  if not r["compiler_out_of_memory"]:
+    lines += [
+        f"  step arguments   {b(r['arguments_bytes'])} (state + batch), outputs "
+        f"{b(r['outputs_bytes'])}, {b(r['aliased_bytes'])} of them in donated buffers",
+        f"  temporaries      {b(r['temp_bytes'])}",
+        f"  total            {b(r['total_bytes'])} per device "
+        "(arguments + outputs - donated + temporaries)"]
   flops = f"  FLOPs per step   {r['flops_per_step']:.3g}"
   if r["step_time_bound_s"]:
     flops += (f"; at 100% MFU ({r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device) "

@@ -159,6 +159,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   if on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not 'stop' or 'skip'.")
   check_profile_steps(profile_steps, train_steps)
+  max_replicated_param_bytes = report.byte_limit(max_replicated_param_bytes,
+                                                 "train.max_replicated_param_bytes")
   cfg = model_config
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
@@ -236,10 +238,7 @@ def _datasets(job: Setup, name: str, task_feature_lengths: dict, *, batch_size: 
 
 def _report_replicated(job: Setup, limit: int | None) -> list:
   """Says which parameters the mesh leaves fully replicated (one line); raises if the
-  largest is over `limit` bytes."""
-  if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-    raise ValueError(f"train.max_replicated_param_bytes={limit!r} is not a number of bytes; "
-                     "pass e.g. --gin.train.max_replicated_param_bytes=1048576, or None.")
+  largest is over `limit` bytes (already checked by `report.byte_limit`)."""
   abstract_params = job.abstract_state()["params"]
   specs = jax.tree.map(lambda s: s.spec, job.shardings["params"])
   replicated = report.replicated_params(abstract_params, job.param_axes, specs, job.mesh,

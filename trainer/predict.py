@@ -13,6 +13,7 @@ from flax import nnx
 from ul2x import partitioning
 from ul2x.model import cache as kv_cache
 from ul2x.model import decoding
+from ul2x.model.contract import LOSS_WEIGHTS, STACK_TOKENS, TARGETS
 
 METHODS = ("greedy", "sample", "beam")
 
@@ -33,7 +34,7 @@ def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
   """The reference twin of `_cached`: the cache is the token sequence so far, and each
   step runs the full model over it (no key/value cache)."""
   if cfg.architecture == "encoder_decoder":
-    b = batch["encoder_input_tokens"].shape[0]
+    b = batch[STACK_TOKENS["encoder"]].shape[0]
     tokens = jnp.zeros((b, max_decode_len), jnp.int32)
     index, fixed = jnp.zeros((b,), jnp.int32), dict(batch)
     first = jnp.zeros((b,), jnp.int32)
@@ -49,9 +50,10 @@ def _uncached(graphdef, cfg, params, batch, max_decode_len: int):
   def tokens_to_logits(new, state):
     seq = kv_cache.write(state["tokens"], new[:, None], state["index"])
     positions = jnp.broadcast_to(jnp.arange(seq.shape[1], dtype=jnp.int32), seq.shape)
-    full = dict(state["fixed"], decoder_input_tokens=seq, decoder_target_tokens=seq,
-                decoder_positions=positions,
-                decoder_segment_ids=(positions <= state["index"][:, None]).astype(jnp.int32))
+    # TARGETS as well: the model reads it for every stack (contract.STACK_TOKENS).
+    full = {**state["fixed"], "decoder_input_tokens": seq, TARGETS: seq,
+            "decoder_positions": positions,
+            "decoder_segment_ids": (positions <= state["index"][:, None]).astype(jnp.int32)}
     logits = nnx.merge(graphdef, params)(full)
     logits = jnp.take_along_axis(logits, state["index"][:, None, None], axis=1)[:, 0]
     return logits, dict(state, tokens=seq, index=state["index"] + 1)
@@ -102,8 +104,7 @@ def make_score_fn(job):
     with partitioning.axis_rules(job.mesh, job.rules):
       logits = nnx.merge(job.graphdef, params)(batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    target = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None],
-                                 axis=-1)[..., 0]
-    return jnp.sum(target * batch["decoder_loss_weights"], axis=1)
+    target = jnp.take_along_axis(log_probs, batch[TARGETS][..., None], axis=-1)[..., 0]
+    return jnp.sum(target * batch[LOSS_WEIGHTS], axis=1)
 
   return jax.jit(score, in_shardings=(job.shardings["params"], job.batch_sharding))
