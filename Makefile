@@ -23,8 +23,10 @@ train: $(STAMP)
 # libtpu, the TPU compiler (the version jax pins), in its own folder: the tests compile
 # the TPU kernels with it in a subprocess, and `--dry_run_topology` uses it via PYTHONPATH.
 $(LIBTPU): $(STAMP)
-	$(PY) -m pip install -q --no-deps --upgrade --target .libtpu "$$($(PY) -c \
-	  'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')"
+	req="$$($(PY) -c 'import importlib.metadata as m, re, sys; \
+	  r = [q.split(";")[0].strip() for q in m.requires("jax") or () if re.match(r"libtpu\b(?!-)", q)]; \
+	  print(r[0]) if r else sys.exit("jax declares no libtpu requirement: pip install jax[tpu]")')" && \
+	  $(PY) -m pip install -q --no-deps --upgrade --target .libtpu "$$req"
 	touch $(LIBTPU)
 
 libtpu: $(LIBTPU)

@@ -28,7 +28,7 @@ from ul2x.kernels import flash_kernels as kernels
 from ul2x.kernels import flash_tpu
 from ul2x.kernels.flash_kernels import SQ, BlockSizes, out_shapes, pad, padded, token_arrays
 from ul2x.kernels.attention_inputs import Tokens
-from ul2x.kernels.ring_attention import vary_like
+from ul2x.kernels.ring_attention import vary_like, varying_axes
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MIN_TPU_BLOCK = flash_tpu.LANES  # key tiles are lane-dimension blocks on TPU
@@ -163,21 +163,20 @@ def _flash_backward(st, residuals, cotangents):
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
   dq, dk, dv, dtable = _kernels(st)[1](st, q, k, v, q_tok, kv_tok, table, lse, delta - dlse,
                                        dout)
+  dq, dk, dv, dtable = (sum_unvarying(g, x) for g, x in ((dq, q), (dk, k), (dv, v),
+                                                         (dtable, table)))
   if dtable is not None:
     dtable = dtable[:, :table.shape[1]].astype(table.dtype)
-  grads = [_sum_unvarying(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dtable, table))]
-  return *grads[:3], None, None, grads[3]
+  return dq, dk, dv, None, None, dtable
 
 
-def _sum_unvarying(grad, primal):
+def sum_unvarying(grad, primal):
   """Inside shard_map: `grad` summed over the manual mesh axes it varies over and its
   primal does not (a bias table replicated over the batch axes gets the sum of every
   batch shard's gradient), so the cotangent has its primal's type."""
   if grad is None:
     return None
-  varying = lambda x: set(getattr(jax.typeof(x), "mat", None) and jax.typeof(x).mat.varying
-                          or ())
-  extra = tuple(sorted(varying(grad) - varying(primal)))
+  extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
   return jax.lax.psum(grad, extra) if extra else grad
 
 

@@ -1,8 +1,11 @@
-"""Pallas kernel bodies of flash attention (kernels/flash_attention.py calls them):
-one program's loop over tiles, online softmax forward, dK/dV and dQ backward, with
-the mask of kernels/attention_inputs.py's `visible` and the bucketed relative bias
-computed per tile. Written with operations that lower on Triton and in the interpreter:
-2-D dots, elementwise math, reductions, `fori_loop` and `cond`."""
+"""The GPU (Triton) kernel bodies of flash attention (kernels/flash_attention.py calls
+them): one program's loop over tiles, online softmax forward, dK/dV and dQ backward,
+with the mask of kernels/attention_inputs.py's `visible` and the bucketed relative
+bias computed per tile. Written with operations that lower on Triton and in the
+interpreter: 2-D dots, elementwise math, reductions, `fori_loop` and `cond`. Also
+what both kernel families share (the TPU kernels are in kernels/flash_tpu.py): the
+static `Config` and `BlockSizes`, padding and per-token inputs, output shapes inside
+shard_map, the per-tile visibility bound `may_see`, and the kernels' ref layout."""
 
 import dataclasses
 import functools

@@ -59,15 +59,22 @@ class BlockAttentionFn(Protocol):
                scale): ...
 
 
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes `x` varies over inside shard_map (none outside, or with the
+  varying-axes check off)."""
+  mat = getattr(jax.typeof(x), "mat", None)
+  return frozenset(mat.varying) if mat is not None else frozenset()
+
+
 def vary_like(tree, *refs):
   """Marks `tree` as varying over the manual mesh axes `refs` vary over (inside
   shard_map), so loop carries keep one type and the transpose sums gradients."""
   axes = set()
   for r in jax.tree.leaves(refs):
-    axes |= set(jax.typeof(r).mat.varying)
+    axes |= varying_axes(r)
 
   def cast(x):
-    missing = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    missing = tuple(sorted(axes - varying_axes(x)))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)

@@ -48,9 +48,10 @@ def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions
 
 
 RING_BLOCK_SIZE = 512  # most tokens per tile of the blockwise computation in a ring step
+_FLASH_PLATFORMS = ("gpu", "tpu")  # platforms with compiled flash kernels
 
 
-def _ring_axis():
+def _length_axis():
   """(mesh, rules, mesh axis that the rules split `length` over or None, its size);
   no mesh outside `partitioning.axis_rules`."""
   context = current_axis_rules()
@@ -68,8 +69,11 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
   """Ring attention (kernels/ring_attention.py) with the signature of
   `dot_product_attention`, but `bias` is a `PositionBias`. Under `axis_rules` it runs
   in a shard_map over the mesh: length split over the axis the rules give `length`
-  (`sequence`), batch and heads as the rules shard them; outside, on one device."""
-  mesh, rules, axis, n = _ring_axis()
+  (`sequence`), batch and heads as the rules shard them; outside, on one device. Each
+  ring step's tiles run in the flash kernels on GPU and TPU (the mesh's platform), in
+  plain JAX elsewhere (`_ring_blocks`)."""
+  mesh, rules, axis, n = _length_axis()
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
   for what, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
     if length % n:
       raise ValueError(
@@ -85,7 +89,7 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
         q, k, v, q_segment_ids=q_tok.segment_ids, kv_segment_ids=kv_tok.segment_ids,
         q_positions=q_tok.positions, kv_positions=kv_tok.positions, causal=causal,
         q_prefix=q_tok.prefix, kv_prefix=kv_tok.prefix, bias=bias, scale=scale,
-        axis_name=axis, block_attention=ring.BlockwiseAttention(block))
+        axis_name=axis, block_attention=_ring_blocks(block, bias, platform, q.shape[-1]))
 
   if mesh is None:
     return attend(q, k, v, q_tok, kv_tok, bias)
@@ -104,12 +108,24 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
   return sharded(q, k, v, q_tok, kv_tok, bias)
 
 
+def _ring_blocks(block: int, bias, platform: str, head_dim: int):
+  """The ring's `BlockAttentionFn`: the compiled flash kernels on a platform that has
+  them (no bias, or the T5 bucket bias they compute per tile; on GPU a power-of-two
+  head_dim >= 16), else plain-JAX tiles."""
+  triton_dim = head_dim >= 16 and not head_dim & (head_dim - 1)
+  if (platform == "tpu" or platform == "gpu" and triton_dim) and (
+      bias is None or isinstance(bias.fn, T5BucketBias)):
+    return flash.FlashBlockAttention(block, None if bias is None else _bucket_fn(bias.fn),
+                                     interpret=False, platform=platform)
+  return ring.BlockwiseAttention(block)
+
+
 def ring_layout(cfg, length: int):
   """(to_layout, from_layout) of the length axis (dim 1) of a causal stack's
   per-token arrays: the zigzag of kernels/ring_attention.py over the ring, so every
   device does the same causal work, with `attention='ring'` and `ring_load_balance`
   on a mesh; the identity otherwise."""
-  n = _ring_axis()[3] if cfg.attention == "ring" and cfg.ring_load_balance else 1
+  n = _length_axis()[3] if cfg.attention == "ring" and cfg.ring_load_balance else 1
   if n == 1:
     return (lambda x: x), (lambda x: x)
   if cfg.num_experts:
@@ -141,9 +157,6 @@ def _log_flash_fallback(backend: str):
                   "dot_product_attention with a dense bias instead.", backend)
 
 
-_FLASH_PLATFORMS = ("gpu", "tpu")  # platforms with compiled flash kernels
-
-
 def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                                 kv_positions, causal=False, q_prefix=None, kv_prefix=None,
                                 bias=None, scale=1.0, interpret: bool | None = None):
@@ -156,7 +169,7 @@ def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_pos
   (for tests). Under `axis_rules` it runs in a shard_map over the mesh: batch and heads
   split as the rules shard q (k/v heads and the bias table alike), whole sequences per
   device; outside, on whole arrays."""
-  mesh, rules, axis, _ = _ring_axis()
+  mesh, rules, axis, _ = _length_axis()
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
   if not interpret and platform not in _FLASH_PLATFORMS:
     _log_flash_fallback(platform)

@@ -41,42 +41,48 @@ def compile_case(device, case) -> dict:
   return dict(kernels=kernels, code_bytes=compiled.memory_analysis().generated_code_size_in_bytes)
 
 
-def compile_sharded(devices) -> dict:
-  """Compiles jit(grad) of the model's flash path under a data=2, tensor=2 mesh of TPU
-  devices: the kernels inside its shard_map, with checked varying axes."""
-  case = t.SHARDED_CASE
+def compile_model_path(devices, attend, case, mesh_axes: dict, x, tok) -> dict:
+  """Compiles jit(grad) of a model attention function (model/attention.py) under a mesh of
+  4 TPU devices with the standard rules, inputs sharded by `x` (q, k, v) and `tok`
+  (per-token arrays): the kernels inside its shard_map, with checked varying axes."""
   (q, k, v, table), _, tokens = t._inputs(case)
-  mesh = partitioning.create_mesh(data=2, tensor=2, devices=devices[:4])
+  mesh = partitioning.create_mesh(**mesh_axes, devices=devices[:4])
 
   def loss(q, k, v, table, q_tok, kv_tok):
     with partitioning.axis_rules(mesh, t.MESH_RULES):
-      out = attention.flash_dot_product_attention(
-          q, k, v, bias=PositionBias(table, t._relative_bias(case)),
-          **t._mask_kwargs(case, q_tok, kv_tok))
+      out = attend(q, k, v, bias=PositionBias(table, t._relative_bias(case)),
+                   **t._mask_kwargs(case, q_tok, kv_tok))
     return jnp.sum(out.astype(jnp.float32))
 
-  put = lambda spec: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+  put = lambda spec: lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
       mesh, spec))
-  x, tok = P("data", None, "tensor"), P("data")
-  args = (*map(put(x), (q, k, v)), put(P("tensor"))(table),
+  heads = P(x[2]) if len(x) > 2 else P()  # the bias table is split over heads like q
+  args = (*map(put(x), (q, k, v)), put(heads)(table),
           *(jax.tree.map(put(tok), t_) for t_ in tokens))
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
       lowering_platforms=("tpu",))
   compiled = lowered.compile()
   return dict(kernels=lowered.as_text().count("tpu_custom_call"),
-              all_gathers=compiled.as_text().count("all-gather-start"))
+              all_gathers=compiled.as_text().count("all-gather"))
 
 
 def main(topology: str):
   devices = topologies.get_topology_desc(topology, platform="tpu").devices
   device = devices[0]
   for name, case in t.CASES.items():
-    length = 1000  # two tiles of the default blocks, with padding
+    length = 1000  # padded: 2 tiles of the forward's default blocks, 4 of the backward's
     sized = dataclasses.replace(case, q_len=length * case.q_len // case.kv_len, kv_len=length)
     print(json.dumps(dict(topology=topology, device_kind=device.device_kind, case=name,
                           length=length, **compile_case(device, sized))), flush=True)
-  print(json.dumps(dict(topology=topology, device_kind=device.device_kind,
-                        case="model-sharded", **compile_sharded(devices))), flush=True)
+  flash = compile_model_path(devices, attention.flash_dot_product_attention, t.SHARDED_CASE,
+                             dict(data=2, tensor=2), P("data", None, "tensor"), P("data"))
+  ring_case = dataclasses.replace(t.SHARDED_CASE, kv_heads=4, q_len=512, kv_len=512)
+  ring = compile_model_path(devices, attention.ring_dot_product_attention, ring_case,
+                            dict(data=1, sequence=4), P(None, "sequence"),
+                            P(None, "sequence"))
+  for name, result in (("model-flash-sharded", flash), ("model-ring", ring)):
+    print(json.dumps(dict(topology=topology, device_kind=device.device_kind, case=name,
+                          **result)), flush=True)
 
 
 if __name__ == "__main__":

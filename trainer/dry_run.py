@@ -2,7 +2,6 @@
 configured mesh, without data or training, and what they need per device."""
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -51,10 +50,6 @@ def topology_devices(name: str) -> TopologyDevices:
   compiles for a TPU on any machine (`make libtpu`, then PYTHONPATH=.libtpu); JAX has no
   such topologies for GPUs."""
   from jax.experimental import topologies
-  if os.environ.get("JAX_PLATFORMS") == "cpu":
-    # This process never opens a TPU, so it need not hold libtpu's one-process lock
-    # (/tmp/libtpu_lockfile): several dry runs can compile side by side.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return TopologyDevices(topologies.get_topology_desc(name, platform="tpu").devices)
   except (RuntimeError, NotImplementedError, ValueError) as e:
@@ -99,7 +94,7 @@ def measure(job: Setup, *, batch_size: int, task_feature_lengths: dict, step_opt
     memory = compile_train_step(job, batch_size, lengths, **step_options).memory_analysis()
     out_of_memory = None
   except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses what cannot fit
-    if not str(error).startswith("RESOURCE_EXHAUSTED"):
+    if not (str(error).startswith("RESOURCE_EXHAUSTED") and "hbm" in str(error).lower()):
       raise
     memory, out_of_memory = None, str(error).splitlines()[0]
   compile_s = time.perf_counter() - start
@@ -117,8 +112,8 @@ def measure(job: Setup, *, batch_size: int, task_feature_lengths: dict, step_opt
       "outputs_bytes": bytes_of("output"),
       "aliased_bytes": bytes_of("alias"),
       "temp_bytes": bytes_of("temp"),
-      "total_bytes": memory and (bytes_of("argument") + bytes_of("output")
-                                 - bytes_of("alias") + bytes_of("temp")),
+      "total_bytes": None if memory is None else (bytes_of("argument") + bytes_of("output")
+                                                  - bytes_of("alias") + bytes_of("temp")),
       "compiler_out_of_memory": out_of_memory,
       "flops_per_step": batch_size * training_flops_per_example(job.cfg, lengths),
   }
