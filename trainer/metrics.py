@@ -5,13 +5,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 # Dense bf16 peak FLOP/s per device from vendor data sheets; first substring match wins.
+# JAX names a v5e "TPU v5 lite", a v5p "TPU v5" and a v6e "TPU v6 lite".
 _PEAK_FLOPS = {
     "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12,
 }
 
 
@@ -47,9 +47,12 @@ def peak_flops_per_device() -> float:
 
 class MetricsWriter:
   """TensorBoard scalars, and histograms of vector metrics (e.g. MoE tokens per expert),
-  under `directory` (only process 0 writes)."""
+  under `directory` (only process 0 writes). TensorFlow is imported here, not with the
+  module, so that the MFU helpers above work where TensorFlow is not installed."""
 
   def __init__(self, directory: str):
+    import tensorflow as tf
+    self.summary = tf.summary
     self.writer = (tf.summary.create_file_writer(directory)
                    if jax.process_index() == 0 else None)
 
@@ -59,9 +62,9 @@ class MetricsWriter:
     with self.writer.as_default():
       for name, value in scalars.items():
         if np.ndim(value):
-          tf.summary.histogram(name, np.asarray(value, np.float32), step=step)
+          self.summary.histogram(name, np.asarray(value, np.float32), step=step)
         else:
-          tf.summary.scalar(name, float(value), step=step)
+          self.summary.scalar(name, float(value), step=step)
     self.writer.flush()
 
 

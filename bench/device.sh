@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The accelerator checks of issues 12 and 13 as one prepared script, for a session that is
+# lent the GPU machine (Python 3.12, jax 0.11.2, flax, optax, orbax, pytest; no gin-config,
+# TensorFlow or seqio). Once, here, in the repository root, fetch gin-config's wheel:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp -d .whl gin-config==0.5.0
+#
+# Then one `run` per stage (each well inside the 10-minute limit), with carry [".whl"]:
+#
+#   bash bench/device.sh tests       # compiled flash kernels against the reference
+#   bash bench/device.sh attention   # bench/attention.py: flash, xla, cudnn TFLOP/s
+#   bash bench/device.sh mfu         # bench/mfu.py: ~1B dense and MoE MFU, memory peak
+#
+# Outputs go to $OUT (the device tool brings them back), else to /tmp/ul2x-device.
+set -euo pipefail
+stage=${1:?usage: bash bench/device.sh tests|attention|mfu}
+out=${OUT:-/tmp/ul2x-device}
+mkdir -p "$out" /tmp/pkg
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl
+ln -sfn "$PWD" /tmp/pkg/ul2x  # the package is the repository root (pyproject's package-dir)
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+case "$stage" in
+  tests)  # tests/conftest.py defaults to 8 CPU devices: ask for the GPU explicitly
+    JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= python3 -m pytest -q \
+      -p no:cacheprovider tests/test_flash_attention.py -k "gpu" 2>&1 | tee "$out/tests.log" ;;
+  attention)
+    python3 bench/attention.py 2>&1 | tee "$out/attention.json" ;;
+  mfu)
+    python3 bench/mfu.py 2>&1 | tee "$out/mfu.json" ;;
+  *)
+    echo "unknown stage '$stage': use tests, attention or mfu" >&2; exit 2 ;;
+esac
