@@ -68,10 +68,13 @@ def peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def run(cfg: TransformerConfig, batch_size: int, lengths: dict, steps: int) -> dict:
-  """Compiles the train step, runs it `steps` times after one warm-up step and returns
-  step time, tokens/s, MFU, and memory: compiled estimate and measured peak."""
-  job = setup(cfg, mesh=partitioning.create_mesh(data=-1),
+def run(cfg: TransformerConfig, batch_size: int, lengths: dict, steps: int,
+        mesh_sizes: dict | None = None, peak_flops: float | None = None) -> dict:
+  """Compiles the train step on a mesh of the local devices (`mesh_sizes`, default all
+  data-parallel), runs it `steps` times after one warm-up step and returns step time,
+  tokens/s, model TFLOP/s, MFU (against `peak_flops` per device, default the data
+  sheet's or a measured matmul rate), and memory: compiled estimate and measured peak."""
+  job = setup(cfg, mesh=partitioning.create_mesh(**(mesh_sizes or dict(data=-1))),
               optimizer=create_optimizer(1000, name="adafactor"))
   state = job.init_state()
   data = jax.device_put(synthetic_batch(cfg, batch_size, lengths), job.batch_sharding)
@@ -89,11 +92,11 @@ def run(cfg: TransformerConfig, batch_size: int, lengths: dict, steps: int) -> d
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   flops = batch_size * training_flops_per_example(cfg, lengths)
-  peak = peak_flops_per_device() * jax.device_count()
+  peak = (peak_flops or peak_flops_per_device()) * jax.device_count()
   params = sum(x.size for x in jax.tree.leaves(state["params"]))
   return {"params": params, "compile_s": compile_s, "step_time_s": seconds,
           "tokens_per_s": batch_size * tokens_per_example(cfg, lengths) / seconds,
-          "mfu": flops / seconds / peak, "loss": float(metrics["loss"]),
+          "model_tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / peak, "loss": float(metrics["loss"]),
           "estimated_bytes_per_device": estimate, "peak_bytes_in_use": peak_bytes()}
 
 
