@@ -36,6 +36,11 @@ DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(128, 64, 64, 64), "cpu": BlockSizes(32,
                        "tpu": BlockSizes(512, 512, 256, 256)}
 
 
+def supports_head_dim(platform: str, head_dim: int) -> bool:
+  """Whether the `platform` kernels take this head_dim (Triton: a power of two >= 16)."""
+  return platform != "gpu" or (head_dim >= _MIN_BLOCK and not head_dim & (head_dim - 1))
+
+
 def _fit(block: int, length: int, smallest: int) -> int:
   return min(block, max(smallest, pl.next_power_of_2(length)))
 
@@ -211,7 +216,7 @@ def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scal
   if platform not in ("gpu", "tpu"):
     raise ValueError(f"flash_attention has kernels for platform 'gpu' (Triton) and 'tpu' "
                      f"(Mosaic); got platform={platform!r}.")
-  if platform == "gpu" and (d < _MIN_BLOCK or d & (d - 1)):
+  if not supports_head_dim(platform, d):
     raise ValueError(f"flash_attention on GPU needs a power-of-two head_dim >= {_MIN_BLOCK}; "
                      f"got {d}.")
   blocks = block_sizes or DEFAULT_BLOCK_SIZES[

@@ -63,6 +63,12 @@ def _length_axis():
   return mesh, rules, axis, math.prod(mesh.shape[a] for a in mesh_axes(axis))
 
 
+def _platform(mesh) -> str:
+  """The platform the attention compiles for: the mesh's devices' (a dry run's TPU
+  topology too), else the default backend's."""
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                                kv_positions, causal=False, q_prefix=None, kv_prefix=None,
                                bias=None, scale=1.0):
@@ -73,7 +79,7 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
   ring step's tiles run in the flash kernels on GPU and TPU (the mesh's platform), in
   plain JAX elsewhere (`_ring_blocks`)."""
   mesh, rules, axis, n = _length_axis()
-  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  platform = _platform(mesh)
   for what, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
     if length % n:
       raise ValueError(
@@ -112,9 +118,8 @@ def _ring_blocks(block: int, bias, platform: str, head_dim: int):
   """The ring's `BlockAttentionFn`: the compiled flash kernels on a platform that has
   them (no bias, or the T5 bucket bias they compute per tile; on GPU a power-of-two
   head_dim >= 16), else plain-JAX tiles."""
-  triton_dim = head_dim >= 16 and not head_dim & (head_dim - 1)
-  if (platform == "tpu" or platform == "gpu" and triton_dim) and (
-      bias is None or isinstance(bias.fn, T5BucketBias)):
+  if (platform in _FLASH_PLATFORMS and flash.supports_head_dim(platform, head_dim)
+      and (bias is None or isinstance(bias.fn, T5BucketBias))):
     return flash.FlashBlockAttention(block, None if bias is None else _bucket_fn(bias.fn),
                                      interpret=False, platform=platform)
   return ring.BlockwiseAttention(block)
@@ -170,7 +175,7 @@ def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_pos
   split as the rules shard q (k/v heads and the bias table alike), whole sequences per
   device; outside, on whole arrays."""
   mesh, rules, axis, _ = _length_axis()
-  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  platform = _platform(mesh)
   if not interpret and platform not in _FLASH_PLATFORMS:
     _log_flash_fallback(platform)
     dense = None if bias is None else bias(q_positions, kv_positions)
