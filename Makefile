@@ -7,8 +7,9 @@ MODEL_DIR ?= runs/quickstart
 CPU8 := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
 LIBTPU := .libtpu/.installed
+CUDA_PLUGIN := .cuda_plugin/.installed
 
-.PHONY: train test bench libtpu
+.PHONY: train test bench libtpu cuda_plugin
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,7 +32,19 @@ $(LIBTPU): $(STAMP)
 
 libtpu: $(LIBTPU)
 
-test: $(STAMP) $(LIBTPU)
+# JAX's CUDA plugin (the version of jax) and NVIDIA's ptxas, in their own folder: they
+# compile for GPUs described by a target config on a machine without one
+# (partitioning/topologies.py); the tests compile the Triton kernels with them in a
+# subprocess, `--dry_run_topology=h100:8` via PYTHONPATH. No GPU, driver or CUDA toolkit.
+$(CUDA_PLUGIN): $(STAMP)
+	v="$$($(PY) -c 'import jax; print(jax.__version__)')" && \
+	  $(PY) -m pip install -q --no-deps --upgrade --target .cuda_plugin \
+	  "jax-cuda13-plugin==$$v" "jax-cuda13-pjrt==$$v" "nvidia-cuda-nvcc==13.5.37"
+	touch $(CUDA_PLUGIN)
+
+cuda_plugin: $(CUDA_PLUGIN)
+
+test: $(STAMP) $(LIBTPU) $(CUDA_PLUGIN)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)

@@ -23,8 +23,9 @@ def add_dry_run_flags(parser) -> None:
                       help="dry run: peak TFLOP/s per device for the step-time bound "
                       "(default: the data sheet's, for known GPUs and TPUs)")
   parser.add_argument("--dry_run_topology", default=None,
-                      help="dry run: compile for this TPU topology instead of the local "
-                      "devices, e.g. v5e:4x4 (needs jax[tpu])")
+                      help="dry run: compile for this TPU topology or these GPUs instead of "
+                      "the local devices, e.g. v5e:4x4 (needs libtpu: make libtpu) or h100:8 "
+                      "(needs JAX's CUDA plugin: make cuda_plugin)")
 
 
 def main(argv: list[str]) -> None:
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> None:
         raise gin_setup.ConfigError(f"--{flag} applies to a dry run only; add --dry_run.")
     loop.train()  # writes MODEL_DIR/config.gin once the config and the data check out
     return
-  from ul2x.trainer.dry_run import DryRun, topology_devices
+  from ul2x.partitioning.topologies import topology_devices
+  from ul2x.trainer.dry_run import DryRun
   options = DryRun(args.device_memory_gib, args.peak_tflops)
   if args.dry_run_topology:  # the gin-configured mesh sizes over the topology's devices
     import gin

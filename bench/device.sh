@@ -9,8 +9,10 @@
 #
 # Then one `run` per stage (each well inside the 10-minute limit), with carry [".whl"]:
 #
-#   bash bench/device.sh tests       # compiled flash kernels against the reference
-#   bash bench/device.sh attention   # bench/attention.py: flash, xla, cudnn TFLOP/s
+#   bash bench/device.sh tests       # compiled flash and grouped-matmul kernels against
+#                                    # their references
+#   bash bench/device.sh attention   # bench/attention.py: flash, xla, cudnn TFLOP/s, then
+#                                    # bench/grouped_matmul.py: Pallas against ragged_dot
 #   bash bench/device.sh mfu         # bench/mfu.py: ~1B dense and MoE MFU, memory peak
 #
 # Outputs go to $OUT (the device tool brings them back), else to /tmp/ul2x-device.
@@ -26,9 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 case "$stage" in
   tests)  # tests/conftest.py defaults to 8 CPU devices: ask for the GPU explicitly
     JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= python3 -m pytest -q \
-      -p no:cacheprovider tests/test_flash_attention.py -k "gpu" 2>&1 | tee "$out/tests.log" ;;
+      -p no:cacheprovider tests/test_flash_attention.py tests/test_grouped_matmul_pallas.py \
+      -k "gpu" 2>&1 | tee "$out/tests.log" ;;
   attention)
-    python3 bench/attention.py 2>&1 | tee "$out/attention.json" ;;
+    python3 bench/attention.py 2>&1 | tee "$out/attention.json"
+    python3 bench/grouped_matmul.py 2>&1 | tee "$out/grouped_matmul.json" ;;
   mfu)
     python3 bench/mfu.py 2>&1 | tee "$out/mfu.json" ;;
   *)

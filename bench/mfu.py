@@ -16,10 +16,11 @@ A check of the script on CPU (a tiny model, two steps; figures mean nothing):
 
   JAX_PLATFORMS=cpu .venv/bin/python bench/mfu.py --smoke
 
-Compile only, for a TPU topology from any machine (the dry run: memory per chip and the
-time bound at 100% MFU; needs `make libtpu`):
+Compile only, for a TPU topology or GPUs from any machine (the dry run: memory per device
+and the time bound at 100% MFU; needs `make libtpu` or `make cuda_plugin`):
 
   PYTHONPATH=.libtpu JAX_PLATFORMS=cpu .venv/bin/python bench/mfu.py --topology v5p:2x2x1
+  PYTHONPATH=.cuda_plugin JAX_PLATFORMS=cpu .venv/bin/python bench/mfu.py --topology h200:1
 """
 
 import argparse
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ul2x import partitioning
+from ul2x.partitioning import topologies
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.trainer.metrics import peak_flops_per_device
@@ -101,11 +103,11 @@ def run(cfg: TransformerConfig, batch_size: int, lengths: dict, steps: int,
 
 
 def compile_only(cfg: TransformerConfig, batch_size: int, args, topology: str) -> dict:
-  """The dry run of `cfg` on the TPU topology's chips (trainer/dry_run.py)."""
+  """The dry run of `cfg` on the topology's devices (trainer/dry_run.py)."""
   from ul2x.trainer import dry_run  # imports the input pipeline: TensorFlow
   if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU opened: no need for libtpu's lock
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  devices = dry_run.topology_devices(topology)
+  devices = topologies.topology_devices(topology)
   job = setup(cfg, mesh=partitioning.create_mesh(data=-1, devices=devices),
               optimizer=create_optimizer(1000, name="adafactor"))
   r = dry_run.measure(job, batch_size=batch_size, step_options={},
@@ -128,7 +130,8 @@ def main():
   parser.add_argument("--targets", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps (CPU check)")
-  parser.add_argument("--topology", help="compile only, for this TPU topology (e.g. v5p:2x2x1)")
+  parser.add_argument("--topology", help="compile only, for this TPU topology or GPUs (e.g. "
+                      "v5p:2x2x1, h200:1)")
   args = parser.parse_args()
   if args.smoke:
     args.models, args.remats, args.batch_size, args.steps = "tiny", "none,full", 2, 2

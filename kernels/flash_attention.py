@@ -28,7 +28,7 @@ from ul2x.kernels import flash_kernels as kernels
 from ul2x.kernels import flash_tpu
 from ul2x.kernels.flash_kernels import SQ, BlockSizes, out_shapes, pad, padded, token_arrays
 from ul2x.kernels.attention_inputs import Tokens
-from ul2x.kernels.ring_attention import vary_like, varying_axes
+from ul2x.kernels.ring_attention import sum_unvarying, vary_like
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MIN_TPU_BLOCK = flash_tpu.LANES  # key tiles are lane-dimension blocks on TPU
@@ -173,16 +173,6 @@ def _flash_backward(st, residuals, cotangents):
   if dtable is not None:
     dtable = dtable[:, :table.shape[1]].astype(table.dtype)
   return dq, dk, dv, None, None, dtable
-
-
-def sum_unvarying(grad, primal):
-  """Inside shard_map: `grad` summed over the manual mesh axes it varies over and its
-  primal does not (a bias table replicated over the batch axes gets the sum of every
-  batch shard's gradient), so the cotangent has its primal's type."""
-  if grad is None:
-    return None
-  extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
-  return jax.lax.psum(grad, extra) if extra else grad
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

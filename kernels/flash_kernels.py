@@ -67,9 +67,12 @@ def token_arrays(st: Config, tok: Tokens, length: int):
 
 def out_shapes(args, *shapes):
   """ShapeDtypeStructs of (shape, dtype) pairs, varying over the manual mesh axes of
-  any of `args` (inside shard_map, where the arguments are cast to vary alike)."""
+  any of `args` (inside shard_map, where the arguments are cast to vary alike). Inside
+  shard_map they always carry that type, also when it varies over nothing (inputs
+  replicated, e.g. over mesh axes of size 1): pallas_call requires it there."""
   mat = getattr(jax.typeof(args[0]), "mat", None)
-  kw = dict(manual_axis_type=mat) if mat is not None and mat.varying else {}
+  inside = bool(jax.sharding.get_abstract_mesh().manual_axes)
+  kw = dict(manual_axis_type=mat) if mat is not None and inside else {}
   return [jax.ShapeDtypeStruct(shape, dtype, **kw) for shape, dtype in shapes]
 
 

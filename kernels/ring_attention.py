@@ -80,6 +80,16 @@ def vary_like(tree, *refs):
   return jax.tree.map(cast, tree)
 
 
+def sum_unvarying(grad, primal):
+  """Inside shard_map: `grad` summed over the manual mesh axes it varies over and its
+  primal does not (a bias table replicated over the batch axes gets the sum of every
+  batch shard's gradient), so the cotangent has its primal's type."""
+  if grad is None:
+    return None
+  extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
+  return jax.lax.psum(grad, extra) if extra else grad
+
+
 def _tile_size(length: int, block_size: int) -> int:
   """The largest divisor of `length` that is at most `block_size`."""
   for size in range(min(length, block_size), 0, -1):

@@ -6,6 +6,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from ul2x.kernels.grouped_matmul import GROUPED_MATMULS
 from ul2x.model.contract import ARCHITECTURES
 from ul2x.model.layers import ACTIVATIONS
 from ul2x.model.moe import DISPATCHES, ROUTERS, expert_capacity
@@ -61,6 +62,7 @@ class TransformerConfig:
   decoder_router: str = "top2"
   router_jitter: float = 0.0
   moe_dispatch: str = "gather"
+  moe_matmul: str = "ragged_dot"
 
   def __post_init__(self):
     checks = [
@@ -84,7 +86,7 @@ class TransformerConfig:
 
   def _check_moe(self):
     for name, allowed in [("encoder_router", ROUTERS), ("decoder_router", ROUTERS),
-                          ("moe_dispatch", DISPATCHES)]:
+                          ("moe_dispatch", DISPATCHES), ("moe_matmul", GROUPED_MATMULS)]:
       if getattr(self, name) not in allowed:
         raise ValueError(
             f"TransformerConfig.{name}={getattr(self, name)!r} is not one of {allowed}; "

@@ -23,8 +23,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ul2x import partitioning
-from ul2x.kernels.grouped_matmul import (combine_sorted, dispatch_sorted, grouped_matmul,
-                                         sort_by_expert)
+from ul2x.kernels.grouped_matmul import (combine_sorted, dispatch_sorted,
+                                         select_grouped_matmul, sort_by_expert)
 from ul2x.kernels.moe_dispatch import DISPATCH_FNS, from_experts, to_experts
 from ul2x.model.layers import ACTIVATIONS, Dense, dropout, split_key, variance_scaling_init
 
@@ -255,12 +255,13 @@ def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *,
 
 def _dropless_experts(xg, choices, wi_0, wi_1, wo, key=None, *,
                       plan: partitioning.ExpertParallelPlan, activation: str,
-                      dropout_rate: float):
+                      dropout_rate: float, grouped_matmul):
   """Per shard: sort the choices of this device's experts by expert, run them as grouped
   matmuls, combine. xg: [G, S, D]; choices: [G, S, k] each; wi_*: [E_local, D, H_local];
   wo: [E_local, H_local, D]. With experts sharded over the batch's expert axes, every
   device of those axes sees all their tokens (all-gather) and each token's output is
-  summed back onto its own device (reduce-scatter)."""
+  summed back onto its own device (reduce-scatter). `grouped_matmul` has the signature
+  of kernels/grouped_matmul.py's (`select_grouped_matmul`)."""
   g, s, d = xg.shape
   x, expert, weight = (a.reshape(g * s, *a.shape[2:]) for a in (xg, *choices))
   if plan.exchange == "all_to_all":
@@ -313,6 +314,8 @@ class MoeMLP(nnx.Module):
     self.capacity_factor = cfg.capacity_factor
     self.jitter = cfg.router_jitter
     self.dispatch = cfg.moe_dispatch
+    self.matmul = cfg.moe_matmul
+    self.interpret_kernels = False  # tests: Pallas kernels in interpret mode on any platform
     self.activation = cfg.activation
     self.dropout_rate = cfg.dropout_rate
     self.dtype = cfg.activation_dtype
@@ -357,14 +360,17 @@ class MoeMLP(nnx.Module):
   def _experts(self, xg, routing: Routing | Choices, key):
     weights = [w[...].astype(self.dtype)
                for w in (self.experts.wi_0, self.experts.wi_1, self.experts.wo)]
+    context = partitioning.current_axis_rules()
     if self.dispatch == "dropless":
-      body = functools.partial(_dropless_experts, activation=self.activation,
-                               dropout_rate=self.dropout_rate)
+      platform = (jax.default_backend() if context is None
+                  else context[0].devices.flat[0].platform)
+      body = functools.partial(
+          _dropless_experts, activation=self.activation, dropout_rate=self.dropout_rate,
+          grouped_matmul=select_grouped_matmul(self.matmul, platform, self.interpret_kernels))
     else:
       body = functools.partial(_expert_slots, dispatch_name=self.dispatch,
                                activation=self.activation, dropout_rate=self.dropout_rate)
     args = (xg.astype(self.dtype), routing, *weights) + (() if key is None else (key,))
-    context = partitioning.current_axis_rules()
     if context is None:
       return body(*args, plan=partitioning.ExpertParallelPlan())
     mesh, rules = context
@@ -376,5 +382,6 @@ class MoeMLP(nnx.Module):
     wo = P(plan.expert_axes or None, plan.tensor_axes or None, None)
     specs = (tokens, jax.tree.map(lambda _: tokens, routing), wi, wi, wo) + (
         () if key is None else (P(),))
+    # check_vma off in interpret mode: jax 0.10's Pallas interpreter loses varying axes.
     return jax.shard_map(functools.partial(body, plan=plan), mesh=mesh, in_specs=specs,
-                         out_specs=tokens)(*args)
+                         out_specs=tokens, check_vma=not self.interpret_kernels)(*args)

@@ -3,6 +3,7 @@ XLA's count, the fit verdict, and the CLI's exit status with nothing written."""
 
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import jax
 import pytest
 
 from ul2x import partitioning
-from ul2x.partitioning import report
+from ul2x.partitioning import report, topologies
 from ul2x.tasks import pipeline
 from ul2x.trainer import dry_run, loop
 from ul2x.trainer.optimizer import create_optimizer
@@ -102,7 +103,7 @@ def test_a_tpu_topology_without_tpu_support_is_one_line():
     pytest.skip("libtpu is installed: the topology exists here")
   with pytest.raises(ValueError, match=r"--dry_run_topology='v5e:4x4' gives no devices here "
                      r"\(.*\); compiling for a TPU topology needs .*pip install 'jax\[tpu\]'"):
-    dry_run.topology_devices("v5e:4x4")
+    topologies.topology_devices("v5e:4x4")
 
 
 def test_max_replicated_param_bytes_stops_the_job_before_any_work(tmp_path, capsys):
@@ -123,20 +124,23 @@ def test_max_replicated_param_bytes_stops_the_job_before_any_work(tmp_path, caps
   assert not (tmp_path / "run").exists()
 
 
-def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
-  model_dir = tmp_path / "run"
+def _cli_dry_run(model_dir, *flags, **env):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **env)
   args = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8",
           "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
           "--gin.TransformerConfig.num_encoder_layers=1",
           "--gin.TransformerConfig.num_decoder_layers=1",
-          "--gin.create_mesh.data=4", "--gin.create_mesh.tensor=2",
-          "--dry_run", "--device_memory_gib=0.001"]
-  result = subprocess.run([sys.executable, "-m", "ul2x.train", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+          "--gin.create_mesh.data=4", "--gin.create_mesh.tensor=2", "--dry_run", *flags]
+  return subprocess.run([sys.executable, "-m", "ul2x.train", *args], capture_output=True,
+                        text=True, env=env, timeout=300)
+
+
+def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
+  model_dir = tmp_path / "run"
+  result = _cli_dry_run(model_dir, "--device_memory_gib=0.001")
   assert result.returncode == 1, result.stderr[-2000:]
   assert "mesh data=4 fsdp=1 expert=1 sequence=1 tensor=2" in result.stdout
   verdict = result.stdout.strip().splitlines()[-1]
@@ -145,3 +149,34 @@ def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
   assert "replicated parameters: " in result.stdout
   assert "no rule maps its axes ('embed',)" in result.stdout
   assert not model_dir.exists()
+
+
+CUDA_PLUGIN = pathlib.Path(__file__).parents[1] / ".cuda_plugin"
+
+
+@pytest.mark.skipif(not (CUDA_PLUGIN / ".installed").is_file(),
+                    reason="needs JAX's CUDA plugin (`make cuda_plugin`; `make test` installs it)")
+def test_cli_dry_run_for_gpus_this_host_lacks(tmp_path):
+  """--dry_run_topology=h100:8 compiles with XLA's GPU compiler for 8 H100s described by
+  their target config, and judges against the H100's memory."""
+  result = _cli_dry_run(tmp_path / "run", "--dry_run_topology=h100:8",
+                        PYTHONPATH=str(CUDA_PLUGIN))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "for 8 x NVIDIA H100 80GB HBM3, mesh data=4" in result.stdout
+  assert "at 100% MFU (989 TFLOP/s per device)" in result.stdout
+  verdict = result.stdout.strip().splitlines()[-1]
+  assert verdict.startswith("verdict: fits: needs ") and verdict.endswith("of 79.1 GiB.")
+  assert not (tmp_path / "run").exists()
+
+
+def test_gpu_topology_names_are_checked_in_one_line():
+  with pytest.raises(ValueError, match=r"--dry_run_topology='h100:eight': give a GPU count, "
+                     r"e.g. h100:8, or hosts x GPUs per host, e.g. h100:4x8\."):
+    topologies.topology_devices("h100:eight")
+  if importlib.util.find_spec("jax_plugins") is None:  # no CUDA plugin in this process
+    with pytest.raises(ValueError, match=r"--dry_run_topology='h200:8' gives no devices here "
+                       r"\(.*\); compiling for a GPU \(a100, h100, h200\) needs JAX's CUDA "
+                       r"plugin \(`make cuda_plugin`"):
+      topologies.topology_devices("h200:8")
+  assert topologies.device_memory_bytes("NVIDIA H200") == 141 * 2**30
+  assert topologies.device_memory_bytes("TPU v5 lite") == 16 * 2**30

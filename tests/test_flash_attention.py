@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -336,7 +337,7 @@ def test_gradients_of_replicated_inputs_are_summed_over_the_shards():
   x, table = jnp.arange(8.0), jnp.zeros(4)
 
   def shard(x, table):
-    return flash.sum_unvarying(x, table), flash.sum_unvarying(x, x)
+    return ring.sum_unvarying(x, table), ring.sum_unvarying(x, x)
 
   summed, same = jax.shard_map(shard, mesh=mesh, in_specs=(P("data"), P()),
                                out_specs=(P(), P("data")))(x, table)
@@ -344,32 +345,60 @@ def test_gradients_of_replicated_inputs_are_summed_over_the_shards():
   np.testing.assert_array_equal(same, x)
 
 
-LIBTPU = pathlib.Path(__file__).parents[1] / ".libtpu"
+COMPILERS = {  # topology: (the compiler's folder, what `make` target installs it, device kind)
+    "v5e:2x2": (".libtpu", "libtpu", "TPU v5 lite"),
+    "h200:4": (".cuda_plugin", "cuda_plugin", "NVIDIA H200"),
+}
 
 
-@pytest.mark.skipif(not (LIBTPU / ".installed").is_file(),
-                    reason="needs libtpu in .libtpu (`make libtpu`; `make test` installs it)")
-def test_tpu_kernels_compile_for_tpu_with_libtpu():
-  """Forward, dK/dV and dQ of every case compile with libtpu's Mosaic compiler for a TPU
-  v5e, on this TPU-less host (a subprocess, so libtpu stays out of this process); so
-  do the model's flash path in its shard_map over 4 TPU devices, with the varying-axes
-  check on, gathering nothing, and the model's ring attention on sequence=4 with the
-  flash kernels as its blocks."""
-  env = dict(os.environ, PYTHONPATH=str(LIBTPU), TPU_SKIP_MDS_QUERY="1",
+@pytest.mark.parametrize("topology", list(COMPILERS))
+def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
+  """With the platform's own compiler, on this host without a TPU or GPU (a subprocess,
+  so the compiler stays out of this process): forward, dK/dV and dQ of every flash case
+  compile (Mosaic for a TPU v5e; Triton to PTX for an H200); so do the model's
+  flash path in its shard_map over 4 devices with the varying-axes check on, gathering
+  nothing, and the model's ring attention on sequence=4 with the flash kernels as its
+  blocks. The grouped matmul's 'pallas' kernels (tests/test_grouped_matmul_pallas.py)
+  compile with no dense product over all experts, where XLA's ragged_dot has one, and
+  so does the dropless MoE layer with them in its shard_map, over data x expert and
+  expert x tensor. And the model's flash path on one device, where nothing varies in
+  its shard_map (the kernels' outputs must still carry the manual axes' type)."""
+  folder, target, kind = COMPILERS[topology]
+  folder = pathlib.Path(__file__).parents[1] / folder
+  if not (folder / ".installed").is_file():
+    pytest.skip(f"needs {folder.name} (`make {target}`; `make test` installs it)")
+  env = dict(os.environ, PYTHONPATH=str(folder), TPU_SKIP_MDS_QUERY="1",
              JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no TPU to lock
+  gpu = kind.startswith("NVIDIA")
+  if gpu:  # XLA writes the PTX it compiles to binaries: the kernels' entry points
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp_path}"
   try:
-    run = subprocess.run([sys.executable, "tpu_compile.py", "v5e:2x2"], env=env,
+    run = subprocess.run([sys.executable, "accelerator_compile.py", topology], env=env,
                          cwd=pathlib.Path(__file__).parent, capture_output=True, text=True,
                          timeout=900)
   except subprocess.TimeoutExpired:
-    pytest.fail("tests/tpu_compile.py took over 900 s to compile for the TPU")
+    pytest.fail(f"tests/accelerator_compile.py took over 900 s to compile for {topology}")
   assert run.returncode == 0, run.stderr[-3000:]
   lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-  assert [line["case"] for line in lines] == [*CASES, "model-flash-sharded", "model-ring"]
-  assert all(line["device_kind"] == "TPU v5 lite" for line in lines)
-  assert all(line["kernels"] == 3 for line in lines[:-1])
-  assert lines[-2]["all_gathers"] == 0
-  assert lines[-1]["kernels"] >= 3  # the ring's steps run the flash kernels
+  assert [line["case"] for line in lines] == [
+      *CASES, "model-flash-sharded", "model-flash-one-device", "model-ring",
+      "grouped-matmul-ragged_dot",
+      "grouped-matmul-pallas", "model-moe-dropless-pallas-data2-expert2",
+      "model-moe-dropless-pallas-expert2-tensor2"]
+  assert all(line["device_kind"] == kind for line in lines)
+  assert all(line["kernels"] == 3 for line in lines[:-5])  # the flash cases, both models
+  if gpu:
+    ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
+    assert {"flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq",
+            "grouped_matmul", "grouped_matmul_weight_grad"} <= set(
+                re.findall(r"\.entry (\w+)\(", ptx))
+  flash, one_device, ring, ragged, pallas, *moe = lines[-7:]
+  assert flash["all_gathers"] == 0 == one_device["all_gathers"]
+  assert ring["kernels"] >= 3  # the ring's steps run the flash kernels
+  # XLA's ragged_dot computes dW densely over the 8 experts; the Pallas dW kernel does not
+  assert ragged["dense_group_products"] >= 1 and ragged["dw_kernels"] == 0
+  assert pallas["dw_kernels"] == 1 and pallas["dense_group_products"] == 0
+  assert all(m["kernels"] >= 1 for m in moe)
 
 
 COMPILED_CASES = {

@@ -8,6 +8,7 @@ import jax
 
 from ul2x.model.flops import training_flops_per_example
 from ul2x.partitioning import report
+from ul2x.partitioning.topologies import device_memory_bytes
 from ul2x.tasks import pipeline
 from ul2x.trainer.console import say
 from ul2x.trainer.metrics import vendor_peak_flops
@@ -22,7 +23,8 @@ class DryRun:
   """What `--dry_run` was asked for.
 
   device_memory_gib: memory per device to fit in; None: the device's own where it
-  reports it (`memory_stats()['bytes_limit']`, GPU and TPU), else unknown.
+  reports it (`memory_stats()['bytes_limit']`, GPU and TPU), for compile-only devices
+  their kind's (partitioning/topologies.py), else unknown.
   peak_tflops: peak per device for the time bound; None: the data-sheet figure of the
   mesh's device kind (`metrics.vendor_peak_flops`), else unknown.
   """
@@ -34,32 +36,6 @@ class DryRun:
                         ("--peak_tflops", self.peak_tflops)):
       if value is not None and not value > 0:
         raise ValueError(f"{flag}={value} must be a positive number, e.g. {flag}=16.")
-
-
-class TopologyDevices(tuple):
-  """Devices that gin can hold as a bound value (`create_mesh.devices`): gin deep-copies
-  bound values on every call, and a JAX device cannot be copied."""
-
-  def __deepcopy__(self, memo):
-    return self
-
-
-def topology_devices(name: str) -> TopologyDevices:
-  """Compile-only devices of the TPU topology `name`, e.g. 'v5e:4x4' or 'v5p:2x2x2'.
-  They need JAX's TPU support (the libtpu package: `pip install 'jax[tpu]'`), which
-  compiles for a TPU on any machine (`make libtpu`, then PYTHONPATH=.libtpu); JAX has no
-  such topologies for GPUs."""
-  from jax.experimental import topologies
-  try:
-    return TopologyDevices(topologies.get_topology_desc(name, platform="tpu").devices)
-  except (RuntimeError, NotImplementedError, ValueError) as e:
-    cause = " ".join(str(e).split())[:200]
-    raise ValueError(
-        f"--dry_run_topology={name!r} gives no devices here ({cause}); compiling for a TPU "
-        "topology needs JAX's TPU support (`make libtpu` and PYTHONPATH=.libtpu, or pip "
-        "install 'jax[tpu]') and a name such as "
-        "'v5e:4x4'; without it, simulate the device count with "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=N.") from None
 
 
 def compile_train_step(job: Setup, batch_size: int, lengths: dict[str, int], **step_options):
@@ -76,8 +52,8 @@ def device_memory(job: Setup, options: DryRun) -> int | None:
   if options.device_memory_gib is not None:
     return int(options.device_memory_gib * GIB)
   local = [d for d in job.mesh.devices.flat if d in jax.local_devices()]
-  if not local:  # a compile-only topology: not this machine's
-    return None
+  if not local:  # a compile-only topology: not this machine's; its kind's data sheet
+    return device_memory_bytes(job.mesh.devices.flat[0].device_kind)
   device = local[0]
   stats = device.memory_stats() or {}
   return stats.get("bytes_limit")

@@ -1,10 +1,14 @@
-"""Memory per TPU chip of a model's train step (gin_configs/models/small.gin) with the
+"""Memory per device of a model's train step (gin_configs/models/small.gin) with the
 reference attention against the flash kernels, by length, compiled (never run) for a
-TPU topology with libtpu on any machine (the train job's dry run, trainer/dry_run.py).
-Prints JSON: bytes per device of each, their ratio, or the compiler's refusal.
+TPU topology or GPUs with their own compiler on any machine (the train job's dry run,
+trainer/dry_run.py; partitioning/topologies.py). Prints JSON: bytes per device of each,
+their ratio, or the compiler's refusal.
 
   make libtpu
-  PYTHONPATH=.libtpu JAX_PLATFORMS=cpu .venv/bin/python bench/tpu_memory.py
+  PYTHONPATH=.libtpu JAX_PLATFORMS=cpu .venv/bin/python bench/attention_memory.py
+  make cuda_plugin
+  PYTHONPATH=.cuda_plugin JAX_PLATFORMS=cpu .venv/bin/python bench/attention_memory.py \
+    --topology h200:1
 """
 
 import argparse
@@ -18,6 +22,7 @@ import gin
 import jax
 
 from ul2x import partitioning
+from ul2x.partitioning import topologies
 from ul2x.model import TransformerConfig
 from ul2x.trainer import dry_run
 from ul2x.trainer.optimizer import create_optimizer
@@ -48,7 +53,7 @@ def main():
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   gin.parse_config_file(args.gin_file)
   cfg = TransformerConfig()
-  devices = dry_run.topology_devices(args.topology)
+  devices = topologies.topology_devices(args.topology)
   mesh = partitioning.create_mesh(data=len(devices), devices=devices)
   batch = args.batch_per_chip * len(devices)
   rows = []

@@ -1,0 +1,111 @@
+"""Compile-only devices of accelerators this machine need not have, for the dry run
+(`--dry_run_topology`), the benches' compile-only modes and the compile tests: TPU
+topologies (JAX's TPU support, libtpu: `make libtpu`) and NVIDIA GPUs described by a
+target config (JAX's CUDA plugin: `make cuda_plugin`). Their compiler is the real one;
+nothing runs."""
+
+import dataclasses
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+  """What XLA's GPU compiler needs to know of a GPU it does not see (data-sheet facts)."""
+
+  kind: str  # the device_kind JAX reports
+  compute_capability: tuple[int, int]
+  cores: int  # streaming multiprocessors
+  memory_bytes: int
+  bandwidth: float  # bytes/s
+  l2_bytes: int
+  clock_ghz: float
+  shared_per_core: int
+  shared_per_block_optin: int
+  fp32_per_core: int = 128  # FP32 lanes per SM
+
+
+GPU_TARGETS = {
+    "a100": GpuTarget("NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 40 * 2**20,
+                      1.41, 167936, 166912, fp32_per_core=64),
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 84929347584, 3.35e12,
+                      50 * 2**20, 1.98, 233472, 232448),
+    "h200": GpuTarget("NVIDIA H200", (9, 0), 132, 141 * GIB, 4.8e12, 50 * 2**20, 1.98,
+                      233472, 232448),
+}
+TPU_MEMORY = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
+              "TPU v6 lite": 32 * GIB}  # HBM per chip, by JAX's device_kind
+
+
+def gpu_target_config(t: GpuTarget) -> str:
+  """`t` as XLA's GpuTargetConfigProto in text format."""
+  major, minor = t.compute_capability
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {t.shared_per_core} threads_per_core_limit: 2048
+  core_count: {t.cores} fpus_per_core: {t.fp32_per_core} block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {int(t.bandwidth)}
+  l2_cache_size: {t.l2_bytes} clock_rate_ghz: {t.clock_ghz}
+  device_memory_size: {t.memory_bytes}
+  shared_memory_per_block_optin: {t.shared_per_block_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{t.kind}"
+"""
+
+
+class TopologyDevices(tuple):
+  """Devices that gin can hold as a bound value (`create_mesh.devices`): gin deep-copies
+  bound values on every call, and a JAX device cannot be copied."""
+
+  def __deepcopy__(self, memo):
+    return self
+
+
+def _gpu_shape(name: str, shape: str) -> tuple[int, int]:
+  """'8' -> (1 host, 8 GPUs); '4x8' -> (4 hosts, 8 GPUs each)."""
+  parts = shape.split("x")
+  if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--dry_run_topology={name!r}: give a GPU count, e.g. "
+                     f"{name.split(':')[0]}:8, or hosts x GPUs per host, e.g. "
+                     f"{name.split(':')[0]}:4x8.")
+  return (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def topology_devices(name: str) -> TopologyDevices:
+  """Compile-only devices of `name`: a TPU topology such as 'v5e:4x4' or 'v5p:2x2x2', or
+  GPUs such as 'h100:8' (one host) or 'h100:4x8' (hosts x GPUs), of the kinds in
+  GPU_TARGETS. A TPU needs JAX's TPU support (libtpu), a GPU JAX's CUDA plugin; either
+  compiles on any machine (`make libtpu` / `make cuda_plugin`, then PYTHONPATH=.libtpu
+  or .cuda_plugin)."""
+  from jax.experimental import topologies
+  kind, _, shape = name.partition(":")
+  gpu = GPU_TARGETS.get(kind.lower())
+  hosts, per_host = _gpu_shape(name, shape) if gpu else (None, None)
+  try:
+    if gpu is None:
+      return TopologyDevices(topologies.get_topology_desc(name, platform="tpu").devices)
+    return TopologyDevices(topologies.get_topology_desc(
+        platform="cuda", topology=f"1x{hosts}x{per_host}",
+        target_config=gpu_target_config(gpu)).devices)
+  except (RuntimeError, NotImplementedError, ValueError) as e:
+    cause = " ".join(str(e).split())[:200]
+    support = (f"a GPU ({', '.join(GPU_TARGETS)}) needs JAX's CUDA plugin (`make "
+               "cuda_plugin` and PYTHONPATH=.cuda_plugin)" if gpu else
+               "a TPU topology needs JAX's TPU support (`make libtpu` and "
+               "PYTHONPATH=.libtpu, or pip install 'jax[tpu]') and a name such as 'v5e:4x4'")
+    raise ValueError(
+        f"--dry_run_topology={name!r} gives no devices here ({cause}); compiling for "
+        f"{support}; without it, simulate the device count with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N.") from None
+
+
+def device_memory_bytes(device_kind: str) -> int | None:
+  """Memory per device of a compile-only device's kind (which reports none), or None."""
+  for target in GPU_TARGETS.values():
+    if target.kind == device_kind:
+      return target.memory_bytes
+  return TPU_MEMORY.get(device_kind)
