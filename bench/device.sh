@@ -14,10 +14,12 @@
 #   bash bench/device.sh attention   # bench/attention.py: flash, xla, cudnn TFLOP/s, then
 #                                    # bench/grouped_matmul.py: Pallas against ragged_dot
 #   bash bench/device.sh mfu         # bench/mfu.py: ~1B dense and MoE MFU, memory peak
+#   bash bench/device.sh moe         # bench/mfu.py: the dropless MoE twin, Pallas grouped
+#                                    # matmul against ragged_dot in the whole model
 #
 # Outputs go to $OUT (the device tool brings them back), else to /tmp/ul2x-device.
 set -euo pipefail
-stage=${1:?usage: bash bench/device.sh tests|attention|mfu}
+stage=${1:?usage: bash bench/device.sh tests|attention|mfu|moe}
 out=${OUT:-/tmp/ul2x-device}
 mkdir -p "$out" /tmp/pkg
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -35,6 +37,9 @@ case "$stage" in
     python3 bench/grouped_matmul.py 2>&1 | tee "$out/grouped_matmul.json" ;;
   mfu)
     python3 bench/mfu.py 2>&1 | tee "$out/mfu.json" ;;
+  moe)
+    python3 bench/mfu.py --models moe_1b_8e_dropless,moe_1b_8e_dropless_ragged_dot \
+      --remats dots_saveable 2>&1 | tee "$out/moe.json" ;;
   *)
-    echo "unknown stage '$stage': use tests, attention or mfu" >&2; exit 2 ;;
+    echo "unknown stage '$stage': use tests, attention, mfu or moe" >&2; exit 2 ;;
 esac

@@ -44,6 +44,8 @@ from ul2x.trainer.setup import setup
 # ~1.1B parameters: T5 v1.1-style, 16+16 layers, d_model 1536, 12 heads x 128, gated-GeLU
 # MLP 4096, a 32k vocabulary. The MoE twin has every 2nd MLP a mixture of 8 experts of
 # the same size (expert choice in the encoder, top-2 in the decoder), about 3.2B in all.
+# Its dropless twins route top-2 in both stacks with no capacity, through the Pallas
+# grouped matmul or jax.lax.ragged_dot (docs/moe.md).
 DENSE = TransformerConfig(vocab_size=32128, emb_dim=1536, num_heads=12, head_dim=128,
                           mlp_dim=4096, num_encoder_layers=16, num_decoder_layers=16,
                           dtype="bfloat16", scan_layers=True)
@@ -53,6 +55,10 @@ MODELS = {
                                      expert_mlp_dim=4096, capacity_factor=2.0),
     "tiny": TransformerConfig(dtype="bfloat16", scan_layers=True),  # --smoke
 }
+MODELS |= {
+    f"moe_1b_8e_dropless{suffix}": dataclasses.replace(
+        MODELS["moe_1b_8e"], encoder_router="top2", moe_dispatch="dropless", moe_matmul=matmul)
+    for suffix, matmul in (("", "pallas"), ("_ragged_dot", "ragged_dot"))}
 
 
 def synthetic_batch(cfg: TransformerConfig, batch_size: int, lengths: dict) -> dict:
@@ -120,7 +126,8 @@ def compile_only(cfg: TransformerConfig, batch_size: int, args, topology: str) -
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="dense_1b,moe_1b_8e")
+  parser.add_argument("--models", default="dense_1b,moe_1b_8e",
+                      help=f"of {', '.join(m for m in MODELS if m != 'tiny')}")
   parser.add_argument("--remats", default="dots_saveable,full",
                       help="TransformerConfig.remat policies, e.g. none,dots_saveable,full")
   parser.add_argument("--attention", default="auto",

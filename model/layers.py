@@ -112,11 +112,7 @@ class Embed(nnx.Module):
 
   def __call__(self, ids):
     """ids: [batch, length] int -> [batch, length, embed]."""
-    # The table's `embed` shards gathered first, as FSDP gathers every kernel: a lookup in
-    # a table split on `embed` over `fsdp` gives activations split that way, and moving
-    # `fsdp` onto the batch was an involuntary full rematerialization in XLA.
-    table = constrain(self.embedding[...], ("vocab", None))
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
     """x: [batch, length, embed] -> float32 logits [batch, length, vocab]."""

@@ -5,6 +5,7 @@ target config (JAX's CUDA plugin: `make cuda_plugin`). Their compiler is the rea
 nothing runs."""
 
 import dataclasses
+import os
 
 GIB = 2**30
 
@@ -25,16 +26,17 @@ class GpuTarget:
   fp32_per_core: int = 128  # FP32 lanes per SM
 
 
-GPU_TARGETS = {
-    "a100": GpuTarget("NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 40 * 2**20,
-                      1.41, 167936, 166912, fp32_per_core=64),
-    "h100": GpuTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 84929347584, 3.35e12,
+GPU_TARGETS = {  # memory as the device reports it (XLA's GPU specs)
+    "a100": GpuTarget("NVIDIA A100-SXM4-80GB", (8, 0), 108, 85100068864, 2.039e12,
+                      40 * 2**20, 1.41, 167936, 166912, fp32_per_core=64),
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 84978434048, 3.35e12,
                       50 * 2**20, 1.98, 233472, 232448),
-    "h200": GpuTarget("NVIDIA H200", (9, 0), 132, 141 * GIB, 4.8e12, 50 * 2**20, 1.98,
+    "h200": GpuTarget("NVIDIA H200", (9, 0), 132, 151397597184, 4.8e12, 50 * 2**20, 1.98,
                       233472, 232448),
 }
-TPU_MEMORY = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
-              "TPU v6 lite": 32 * GIB}  # HBM per chip, by JAX's device_kind
+TPU_MEMORY = {"TPU v4": 32 * GIB, "TPU v5 lite": int(15.75 * GIB), "TPU v5": 95 * GIB,
+              "TPU v6 lite": 32 * GIB}  # HBM per chip available to XLA, by device_kind
+GPU_MEMORY_FRACTION = 0.75  # of a GPU's memory a JAX process may use by default
 
 
 def gpu_target_config(t: GpuTarget) -> str:
@@ -84,6 +86,10 @@ def topology_devices(name: str) -> TopologyDevices:
   from jax.experimental import topologies
   kind, _, shape = name.partition(":")
   gpu = GPU_TARGETS.get(kind.lower())
+  if gpu is None and not kind.lower().startswith("v"):
+    raise ValueError(f"--dry_run_topology={name!r}: unknown device kind {kind!r}; give a GPU "
+                     f"({', '.join(GPU_TARGETS)}), e.g. h100:8, or a TPU topology, e.g. "
+                     "v5e:4x4.")
   hosts, per_host = _gpu_shape(name, shape) if gpu else (None, None)
   try:
     if gpu is None:
@@ -93,8 +99,8 @@ def topology_devices(name: str) -> TopologyDevices:
         target_config=gpu_target_config(gpu)).devices)
   except (RuntimeError, NotImplementedError, ValueError) as e:
     cause = " ".join(str(e).split())[:200]
-    support = (f"a GPU ({', '.join(GPU_TARGETS)}) needs JAX's CUDA plugin (`make "
-               "cuda_plugin` and PYTHONPATH=.cuda_plugin)" if gpu else
+    support = ("a GPU needs JAX's CUDA plugin, started without a GPU: `make cuda_plugin`, "
+               "then PYTHONPATH=.cuda_plugin JAX_PLATFORMS=cpu" if gpu else
                "a TPU topology needs JAX's TPU support (`make libtpu` and "
                "PYTHONPATH=.libtpu, or pip install 'jax[tpu]') and a name such as 'v5e:4x4'")
     raise ValueError(
@@ -104,8 +110,11 @@ def topology_devices(name: str) -> TopologyDevices:
 
 
 def device_memory_bytes(device_kind: str) -> int | None:
-  """Memory per device of a compile-only device's kind (which reports none), or None."""
+  """What a JAX process may use of a compile-only device of this kind (which reports
+  nothing), or None: a TPU's HBM; a GPU's memory times XLA_PYTHON_CLIENT_MEM_FRACTION
+  (JAX's default 0.75), as the GPU's `bytes_limit` would be."""
   for target in GPU_TARGETS.values():
     if target.kind == device_kind:
-      return target.memory_bytes
+      fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+      return int(target.memory_bytes * fraction)
   return TPU_MEMORY.get(device_kind)

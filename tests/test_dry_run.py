@@ -158,14 +158,15 @@ CUDA_PLUGIN = pathlib.Path(__file__).parents[1] / ".cuda_plugin"
                     reason="needs JAX's CUDA plugin (`make cuda_plugin`; `make test` installs it)")
 def test_cli_dry_run_for_gpus_this_host_lacks(tmp_path):
   """--dry_run_topology=h100:8 compiles with XLA's GPU compiler for 8 H100s described by
-  their target config, and judges against the H100's memory."""
+  their target config, and judges against what JAX lets a process use of an H100 (75% of
+  its 79.1 GiB)."""
   result = _cli_dry_run(tmp_path / "run", "--dry_run_topology=h100:8",
                         PYTHONPATH=str(CUDA_PLUGIN))
   assert result.returncode == 0, result.stderr[-2000:]
   assert "for 8 x NVIDIA H100 80GB HBM3, mesh data=4" in result.stdout
   assert "at 100% MFU (989 TFLOP/s per device)" in result.stdout
   verdict = result.stdout.strip().splitlines()[-1]
-  assert verdict.startswith("verdict: fits: needs ") and verdict.endswith("of 79.1 GiB.")
+  assert verdict.startswith("verdict: fits: needs ") and verdict.endswith("of 59.4 GiB.")
   assert not (tmp_path / "run").exists()
 
 
@@ -173,10 +174,20 @@ def test_gpu_topology_names_are_checked_in_one_line():
   with pytest.raises(ValueError, match=r"--dry_run_topology='h100:eight': give a GPU count, "
                      r"e.g. h100:8, or hosts x GPUs per host, e.g. h100:4x8\."):
     topologies.topology_devices("h100:eight")
+  with pytest.raises(ValueError, match=r"--dry_run_topology='b200:8': unknown device kind "
+                     r"'b200'; give a GPU \(a100, h100, h200\), e.g. h100:8, or a TPU"):
+    topologies.topology_devices("b200:8")
   if importlib.util.find_spec("jax_plugins") is None:  # no CUDA plugin in this process
     with pytest.raises(ValueError, match=r"--dry_run_topology='h200:8' gives no devices here "
-                       r"\(.*\); compiling for a GPU \(a100, h100, h200\) needs JAX's CUDA "
-                       r"plugin \(`make cuda_plugin`"):
+                       r"\(.*\); compiling for a GPU needs JAX's CUDA plugin, started "
+                       r"without a GPU: `make cuda_plugin`, then PYTHONPATH=.cuda_plugin "
+                       r"JAX_PLATFORMS=cpu"):
       topologies.topology_devices("h200:8")
-  assert topologies.device_memory_bytes("NVIDIA H200") == 141 * 2**30
-  assert topologies.device_memory_bytes("TPU v5 lite") == 16 * 2**30
+
+
+def test_compile_only_gpus_get_the_memory_jax_would_let_a_process_use(monkeypatch):
+  h200 = topologies.GPU_TARGETS["h200"]
+  assert topologies.device_memory_bytes(h200.kind) == int(0.75 * h200.memory_bytes)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert topologies.device_memory_bytes(h200.kind) == int(0.9 * h200.memory_bytes)
+  assert topologies.device_memory_bytes("cpu") is None
