@@ -6,7 +6,7 @@ and dX and computes dW with `tgmm`, which visits each group's row tiles only.
 
 `tgmm`'s grid is (K tiles, N tiles, visits). A visit is one (group, row tile) pair, in
 group order, from a plan computed outside the kernel and prefetched into SMEM: every
-group gets at least one visit (an empty group's writes its zeros), a tile shared by
+group gets at least one visit (an empty group's visit writes its zeros), a tile shared by
 two groups is visited once for each. The dW tile accumulates in VMEM over a group's
 visits and is written at its last one; the visits past the plan's end repeat the last
 one's blocks (nothing fetched) and do nothing.

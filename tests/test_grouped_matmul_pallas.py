@@ -1,7 +1,9 @@
-"""The Pallas grouped matmul (kernels/grouped_matmul_pallas.py) against its reference twin,
-`jax.lax.ragged_dot` (kernels/grouped_matmul.py): outputs and gradients in interpret mode
-on CPU, the Triton lowering for CUDA from this host, the dropless MoE layer with
-`moe_matmul='pallas'` on one device and expert-parallel, and the compiled kernel on a GPU."""
+"""The Pallas grouped matmul (kernels/grouped_matmul_pallas.py for GPU, its TPU dW kernel in
+kernels/grouped_matmul_tpu.py) against its reference twin, `jax.lax.ragged_dot`
+(kernels/grouped_matmul.py): outputs and gradients in interpret mode on CPU, the Triton
+lowering for CUDA from this host, the dropless MoE layer with `moe_matmul='pallas'` on
+one device and expert-parallel, and the compiled kernel on a GPU. Compiling for a TPU
+and an H200: tests/accelerator_compile.py."""
 
 import functools
 import logging
@@ -11,11 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
 
 from test_moe_dropless import MESHES, RULES, layer, layer_loss
 from ul2x import partitioning
-from jax.experimental.pallas import tpu as pltpu
-
 from ul2x.kernels import grouped_matmul_pallas as gp
 from ul2x.kernels import grouped_matmul_tpu as gt
 from ul2x.kernels.grouped_matmul import grouped_matmul, select_grouped_matmul
