@@ -32,8 +32,18 @@ from ul2x.kernels.ring_attention import sum_unvarying, vary_like
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MIN_TPU_BLOCK = flash_tpu.LANES  # key tiles are lane-dimension blocks on TPU
-DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(128, 64, 64, 64), "cpu": BlockSizes(32, 32, 32, 32),
+# GPU: the largest tiles that ptxas compiles without register spills for an H200 (sm_90a)
+# in bfloat16, with and without the bias, at NUM_WARPS (bench/gpu_registers.py); key
+# tiles of 32 from head_dim 128 (`default_block_sizes`).
+DEFAULT_BLOCK_SIZES = {"gpu": BlockSizes(128, 64, 32, 64), "cpu": BlockSizes(32, 32, 32, 32),
                        "tpu": BlockSizes(512, 512, 256, 256)}
+NUM_WARPS = 8  # per Triton program, forward and backward
+
+
+def default_block_sizes(platform: str, head_dim: int) -> BlockSizes:
+  """`DEFAULT_BLOCK_SIZES[platform]`, for head_dim > 64 on GPU with key tiles of 32."""
+  blocks = DEFAULT_BLOCK_SIZES[platform]
+  return dataclasses.replace(blocks, kv=32) if platform == "gpu" and head_dim > 64 else blocks
 
 
 def supports_head_dim(platform: str, head_dim: int) -> bool:
@@ -45,13 +55,13 @@ def _fit(block: int, length: int, smallest: int) -> int:
   return min(block, max(smallest, pl.next_power_of_2(length)))
 
 
-def _compiler_params(st: kernels.Config, head_dim: int):
+def _compiler_params(st: kernels.Config):
   if st.interpret:
     return None
   # Without Triton's parameters, jax >= 0.10 lowers pallas_call with Mosaic GPU,
   # which this kernel is not written for.
   from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  return pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=2)
 
 
 def _table(table):
@@ -91,7 +101,7 @@ def _forward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, out_dtype=None):
       out_specs=[rows(bq), pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, i))],
       out_shape=out_shapes(args, ((b, lq_p, h, d), out_dtype or q.dtype),
                            ((b, h, lq_p), jnp.float32)),
-      interpret=st.interpret, compiler_params=_compiler_params(st, d),
+      interpret=st.interpret, compiler_params=_compiler_params(st),
       name="flash_attention_forward")(*args)
   return out[:, :lq], lse[:, :, :lq]
 
@@ -111,7 +121,7 @@ def _backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dou
   table = [] if table is None else [_table(table)]
   args = [q, k, v, dout, lse, delta, *qtoks, *ktoks, *table]
   args = vary_like(args, *args)
-  has_table, params = bool(table), _compiler_params(st, d)
+  has_table, params = bool(table), _compiler_params(st)
   dtype = lambda x: grad_dtype or x.dtype
 
   # dK, dV: grid over key/value heads; each reads the queries of its whole group.
@@ -209,8 +219,8 @@ def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scal
   if not supports_head_dim(platform, d):
     raise ValueError(f"flash_attention on GPU needs a power-of-two head_dim >= {_MIN_BLOCK}; "
                      f"got {d}.")
-  blocks = block_sizes or DEFAULT_BLOCK_SIZES[
-      "cpu" if interpret and platform == "gpu" else platform]
+  blocks = block_sizes or default_block_sizes(
+      "cpu" if interpret and platform == "gpu" else platform, d)
   smallest = _MIN_TPU_BLOCK if platform == "tpu" else _MIN_BLOCK
   if any(n < smallest or n & (n - 1) for n in dataclasses.astuple(blocks)):
     raise ValueError(f"flash_attention's {platform!r} block sizes must be powers of two "
@@ -233,7 +243,7 @@ def flash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_p
   int [batch, len]. bias_table: [heads, num_buckets] with `bucket_fn`, a hashable
   function of int relative positions (key - query) to buckets in [0, num_buckets),
   e.g. model/position.py's `relative_position_bucket` with its settings bound.
-  block_sizes: None for the platform's `DEFAULT_BLOCK_SIZES`; interpret: None for
+  block_sizes: None for the platform's `default_block_sizes`; interpret: None for
   interpret mode off GPU and TPU; platform: the kernels, 'gpu' (Triton) or 'tpu'
   (Mosaic), None for this backend's (the GPU kernels on CPU). Returns out [batch,
   q_len, heads, head_dim] in q's dtype, and with `return_lse` also the log-sum-exp of
