@@ -43,10 +43,6 @@ def main(argv: list[str]) -> None:
   options = DryRun(args.device_memory_gib, args.peak_tflops)
   if args.dry_run_topology:  # the gin-configured mesh sizes over the topology's devices
     import gin
-    if os.environ.get("JAX_PLATFORMS") == "cpu":
-      # This process opens no TPU, so it need not hold libtpu's one-process lock
-      # (/tmp/libtpu_lockfile): several dry runs can compile side by side.
-      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = topology_devices(args.dry_run_topology)
     with gin.unlock_config():
       gin.bind_parameter("create_mesh.devices", devices)

@@ -14,7 +14,6 @@ their ratio, or the compiler's refusal.
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import platform
 
@@ -49,8 +48,6 @@ def main():
                       help="the reference at 32k tokens aborts the compiler on a 24 GiB host")
   parser.add_argument("--batch_per_chip", type=int, default=1)
   args = parser.parse_args()
-  if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU opened: no need for libtpu's lock
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   gin.parse_config_file(args.gin_file)
   cfg = TransformerConfig()
   devices = topologies.topology_devices(args.topology)

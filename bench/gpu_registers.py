@@ -21,10 +21,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
-import test_flash_attention as t  # noqa: E402  (the test cases' inputs and kernel call)
+import accelerator_compile  # noqa: E402  (compiles one flash test case)
+import test_flash_attention as t  # noqa: E402  (its cases)
 from ul2x.kernels import flash_attention as flash  # noqa: E402
 from ul2x.kernels.flash_kernels import BlockSizes  # noqa: E402
 from ul2x.partitioning.topologies import topology_devices  # noqa: E402
@@ -39,18 +39,7 @@ def compile_case(device, dtype: str, head_dim: int, bias: bool, blocks, warps: i
   flash.NUM_WARPS = warps
   case = dataclasses.replace(t.CASES["causal-bias-packed"], dtype=dtype, head_dim=head_dim,
                              bias=bias, q_len=2048, kv_len=2048, batch=1)
-  (q, k, v, table), _, tokens = t._inputs(case)
-
-  def loss(q, k, v, table, q_tok, kv_tok):
-    out, lse = t._flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
-                        block_sizes=BlockSizes(*blocks), platform="gpu")
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
-
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      (q, k, v, table, *tokens))
-  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
-      lowering_platforms=("cuda",)).compile()
+  accelerator_compile.compile_case(device, case, BlockSizes(*blocks))
 
 
 def kernel_stats(ptx_files, gpu_name: str) -> dict:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ul2x.kernels.grouped_matmul import GROUPED_MATMULS, select_grouped_matmul
+from ul2x.partitioning.topologies import lowering_platform, topology_devices
 
 
 def group_sizes(rows: int, groups: int, skew: float, seed: int = 0):
@@ -121,9 +122,8 @@ def compile_case(impl: str, matmul, device, rows: int, k: int, n: int, groups: i
           for shape in ((rows, k), (groups, k, n))]
   sizes = group_sizes(rows, groups, skew)
   loss = lambda x, w: jnp.sum(matmul(x, w, sizes).astype(jnp.float32) ** 2)
-  lowering = "cuda" if device.platform == "gpu" else device.platform
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
-      lowering_platforms=(lowering,)).compile()
+      lowering_platforms=(lowering_platform(device),)).compile()
   lines = compiled.as_text().splitlines()
   flops = (compiled.cost_analysis() or {}).get("flops")
   dense = f" = bf16[{groups},{k},{n}]"
@@ -150,9 +150,6 @@ def main():
   args = parser.parse_args()
   device = None
   if args.topology:
-    import os
-    from ul2x.partitioning.topologies import topology_devices
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU opened: no lock
     device = topology_devices(args.topology)[0]
   if args.smoke:
     args.rows, args.shapes, args.groups, args.steps = 64, "32x48", "4", 1

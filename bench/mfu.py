@@ -26,7 +26,6 @@ and the time bound at 100% MFU; needs `make libtpu` or `make cuda_plugin`):
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import time
 
@@ -111,8 +110,6 @@ def run(cfg: TransformerConfig, batch_size: int, lengths: dict, steps: int,
 def compile_only(cfg: TransformerConfig, batch_size: int, args, topology: str) -> dict:
   """The dry run of `cfg` on the topology's devices (trainer/dry_run.py)."""
   from ul2x.trainer import dry_run  # imports the input pipeline: TensorFlow
-  if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU opened: no need for libtpu's lock
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   devices = topologies.topology_devices(topology)
   job = setup(cfg, mesh=partitioning.create_mesh(data=-1, devices=devices),
               optimizer=create_optimizer(1000, name="adafactor"))

@@ -51,19 +51,6 @@ def supports_head_dim(platform: str, head_dim: int) -> bool:
   return platform != "gpu" or (head_dim >= _MIN_BLOCK and not head_dim & (head_dim - 1))
 
 
-def _fit(block: int, length: int, smallest: int) -> int:
-  return min(block, max(smallest, pl.next_power_of_2(length)))
-
-
-def _compiler_params(st: kernels.Config):
-  if st.interpret:
-    return None
-  # Without Triton's parameters, jax >= 0.10 lowers pallas_call with Mosaic GPU,
-  # which this kernel is not written for.
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=2)
-
-
 def _table(table):
   """[heads, num_buckets] float32, buckets padded to a power of two for Triton."""
   return pad(table.astype(jnp.float32), pl.next_power_of_2(table.shape[1]), axis=1)
@@ -101,7 +88,7 @@ def _forward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, out_dtype=None):
       out_specs=[rows(bq), pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, i))],
       out_shape=out_shapes(args, ((b, lq_p, h, d), out_dtype or q.dtype),
                            ((b, h, lq_p), jnp.float32)),
-      interpret=st.interpret, compiler_params=_compiler_params(st),
+      interpret=st.interpret, compiler_params=kernels.triton_params(st.interpret, NUM_WARPS),
       name="flash_attention_forward")(*args)
   return out[:, :lq], lse[:, :, :lq]
 
@@ -121,7 +108,7 @@ def _backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dou
   table = [] if table is None else [_table(table)]
   args = [q, k, v, dout, lse, delta, *qtoks, *ktoks, *table]
   args = vary_like(args, *args)
-  has_table, params = bool(table), _compiler_params(st)
+  has_table, params = bool(table), kernels.triton_params(st.interpret, NUM_WARPS)
   dtype = lambda x: grad_dtype or x.dtype
 
   # dK, dV: grid over key/value heads; each reads the queries of its whole group.
@@ -225,8 +212,9 @@ def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scal
   if any(n < smallest or n & (n - 1) for n in dataclasses.astuple(blocks)):
     raise ValueError(f"flash_attention's {platform!r} block sizes must be powers of two "
                      f">= {smallest}; got {blocks}.")
-  blocks = BlockSizes(_fit(blocks.q, lq, smallest), _fit(blocks.kv, lk, smallest),
-                      _fit(blocks.q_bwd, lq, smallest), _fit(blocks.kv_bwd, lk, smallest))
+  fit = kernels.fit
+  blocks = BlockSizes(fit(blocks.q, lq, smallest), fit(blocks.kv, lk, smallest),
+                      fit(blocks.q_bwd, lq, smallest), fit(blocks.kv_bwd, lk, smallest))
   return kernels.Config(bool(causal), bool(causal) and q_prefix is not None, float(scale),
                         bucket_fn, h // hk, blocks, bool(interpret), platform)
 

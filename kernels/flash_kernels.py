@@ -53,6 +53,20 @@ def padded(length: int, *blocks: int) -> int:
   return -(-length // step) * step
 
 
+def fit(block: int, length: int, smallest: int) -> int:
+  """`block`, shrunk for a short `length` to its next power of two, at least `smallest`."""
+  return min(block, max(smallest, pl.next_power_of_2(length)))
+
+
+def triton_params(interpret: bool, num_warps: int):
+  """Pallas' Triton parameters, None in interpret mode. Without them jax >= 0.10 lowers
+  pallas_call on GPU with Mosaic GPU, which these kernels are not written for."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+
+
 def pad(x, length: int, axis: int = 1):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, length - x.shape[axis])

@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ul2x.kernels.flash_kernels import dot, out_shapes
+from ul2x.kernels.flash_kernels import dot, fit, out_shapes, padded, triton_params
 from ul2x.kernels.ring_attention import sum_unvarying, vary_like
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
@@ -44,14 +44,7 @@ class Blocks:
 
 
 DEFAULT_BLOCKS = {"gpu": Blocks(64, 64, 128), "cpu": Blocks(16, 16, 16)}
-
-
-def _fit(block: int, size: int) -> int:
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(size)))
-
-
-def _round_up(size: int, block: int) -> int:
-  return -(-size // block) * block
+NUM_WARPS = 4  # per Triton program
 
 
 def pad_to(x, sizes):
@@ -128,14 +121,6 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, d_ref, o_ref, *, bm: int):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _compiler_params(interpret: bool):
-  if interpret:
-    return None
-  # Without Triton's parameters, jax >= 0.10 lowers pallas_call with Mosaic GPU.
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=4, num_stages=2)
-
-
 def _whole(a):
   return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
@@ -144,8 +129,9 @@ def gmm(x, w, group_sizes, *, transpose: bool = False, blocks: Blocks,
         interpret: bool = False, out_dtype=None):
   """x [M, C] @ per-row w[g] ([G, C, N], or [G, N, C] with `transpose`) -> [M, N]."""
   (m, c), n = x.shape, w.shape[1 if transpose else 2]
-  bm, bk, bn = _fit(blocks.m, m), _fit(blocks.k, c), _fit(blocks.n, n)
-  mp, cp, np_ = _round_up(m, bm), _round_up(c, bk), _round_up(n, bn)
+  bm, bk, bn = (fit(b, size, _MIN_BLOCK) for b, size in ((blocks.m, m), (blocks.k, c),
+                                                          (blocks.n, n)))
+  mp, cp, np_ = padded(m, bm), padded(c, bk), padded(n, bn)
   starts, ends = group_bounds(group_sizes)
   lo, hi = tile_groups(starts, ends, mp // bm, bm)
   w = pad_to(w, (w.shape[0], np_, cp) if transpose else (w.shape[0], cp, np_))
@@ -159,7 +145,7 @@ def gmm(x, w, group_sizes, *, transpose: bool = False, blocks: Blocks,
       in_specs=[*map(_whole, meta), pl.BlockSpec((bm, cp), lambda i, j: (i, 0)), w_spec],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       out_shape=out_shapes(args, ((mp, np_), out_dtype or x.dtype))[0],
-      interpret=interpret, compiler_params=_compiler_params(interpret),
+      interpret=interpret, compiler_params=triton_params(interpret, NUM_WARPS),
       cost_estimate=cost(m, c, n, w.shape[0], x.dtype.itemsize), name="grouped_matmul")(*args)
   return out[:m, :n]
 
@@ -167,8 +153,9 @@ def gmm(x, w, group_sizes, *, transpose: bool = False, blocks: Blocks,
 def tgmm(x, d, group_sizes, *, blocks: Blocks, interpret: bool = False, out_dtype=None):
   """x [M, K], d [M, N] -> [G, K, N]: per group g, x[rows of g].T @ d[rows of g]."""
   (m, k), n, groups = x.shape, d.shape[1], group_sizes.shape[0]
-  bm, bk, bn = _fit(blocks.m, m), _fit(blocks.k, k), _fit(blocks.n, n)
-  mp, kp, np_ = _round_up(m, bm), _round_up(k, bk), _round_up(n, bn)
+  bm, bk, bn = (fit(b, size, _MIN_BLOCK) for b, size in ((blocks.m, m), (blocks.k, k),
+                                                          (blocks.n, n)))
+  mp, kp, np_ = padded(m, bm), padded(k, bk), padded(n, bn)
   meta = [_pow2_pad(a) for a in group_bounds(group_sizes)]
   args = vary_like([*meta, pad_to(x, (mp, kp)), pad_to(d, (mp, np_))], x, d)
   out = pl.pallas_call(
@@ -178,7 +165,7 @@ def tgmm(x, d, group_sizes, *, blocks: Blocks, interpret: bool = False, out_dtyp
                 pl.BlockSpec((mp, bn), lambda g, i, j: (0, j))],
       out_specs=pl.BlockSpec((None, bk, bn), lambda g, i, j: (g, i, j)),
       out_shape=out_shapes(args, ((groups, kp, np_), out_dtype or x.dtype))[0],
-      interpret=interpret, compiler_params=_compiler_params(interpret),
+      interpret=interpret, compiler_params=triton_params(interpret, NUM_WARPS),
       cost_estimate=cost(m, k, n, groups, x.dtype.itemsize),
       name="grouped_matmul_weight_grad")(*args)
   return out[:, :k, :n]

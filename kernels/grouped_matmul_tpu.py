@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ul2x.kernels import grouped_matmul_pallas as gp
 from ul2x.kernels.grouped_matmul import grouped_matmul as ragged_dot_matmul
-from ul2x.kernels.flash_kernels import dot, out_shapes
+from ul2x.kernels.flash_kernels import dot, out_shapes, padded
 from ul2x.kernels.ring_attention import sum_unvarying, vary_like
 
 LANES = 128
@@ -47,8 +47,8 @@ INTERPRET_BLOCKS = Blocks(16, LANES, LANES)
 def _fit(block: int, size: int, smallest: int) -> int:
   """The largest multiple of `smallest` up to `block` that divides `size` rounded up to
   `smallest` (so only that rounding pads: 640 takes 128, not 512 padded to 1024)."""
-  padded = -(-size // smallest) * smallest
-  return max(b for b in range(smallest, min(block, padded) + 1, smallest) if padded % b == 0)
+  rounded = padded(size, smallest)
+  return max(b for b in range(smallest, min(block, rounded) + 1, smallest) if rounded % b == 0)
 
 
 def visit_plan(group_sizes, num_tiles: int, bm: int):
@@ -100,7 +100,7 @@ def tgmm(x, d, group_sizes, *, blocks: Blocks = DEFAULT_BLOCKS, interpret: bool 
   """x [M, K], d [M, N] -> [G, K, N]: per group g, x[rows of g].T @ d[rows of g]."""
   (m, k), n, groups = x.shape, d.shape[1], group_sizes.shape[0]
   bm, bk, bn = _fit(blocks.m, m, 16), _fit(blocks.k, k, LANES), _fit(blocks.n, n, LANES)
-  mp, kp, np_ = (-(-size // b) * b for size, b in ((m, bm), (k, bk), (n, bn)))
+  mp, kp, np_ = padded(m, bm), padded(k, bk), padded(n, bn)
   plan = visit_plan(group_sizes, mp // bm, bm)
   starts, ends = gp.group_bounds(group_sizes)
   visits = plan.shape[1]

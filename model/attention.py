@@ -21,7 +21,8 @@ from ul2x.kernels import ring_attention as ring
 from ul2x.kernels.attention_inputs import Tokens, visible
 from ul2x.model.layers import Dense
 from ul2x.model.position import T5BucketBias, apply_rope
-from ul2x.partitioning import constrain, current_axis_rules, logical_to_spec, mesh_axes
+from ul2x.partitioning import (constrain, current_axis_rules, logical_to_spec, mesh_axes,
+                               mesh_platform)
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -63,12 +64,6 @@ def _length_axis():
   return mesh, rules, axis, math.prod(mesh.shape[a] for a in mesh_axes(axis))
 
 
-def _platform(mesh) -> str:
-  """The platform the attention compiles for: the mesh's devices' (a dry run's TPU
-  topology too), else the default backend's."""
-  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-
-
 def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                                kv_positions, causal=False, q_prefix=None, kv_prefix=None,
                                bias=None, scale=1.0):
@@ -79,7 +74,7 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
   ring step's tiles run in the flash kernels on GPU and TPU (the mesh's platform), in
   plain JAX elsewhere (`_ring_blocks`)."""
   mesh, rules, axis, n = _length_axis()
-  platform = _platform(mesh)
+  platform = mesh_platform(mesh)
   for what, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
     if length % n:
       raise ValueError(
@@ -175,7 +170,7 @@ def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_pos
   split as the rules shard q (k/v heads and the bias table alike), whole sequences per
   device; outside, on whole arrays."""
   mesh, rules, axis, _ = _length_axis()
-  platform = _platform(mesh)
+  platform = mesh_platform(mesh)
   if not interpret and platform not in _FLASH_PLATFORMS:
     _log_flash_fallback(platform)
     dense = None if bias is None else bias(q_positions, kv_positions)

@@ -362,8 +362,7 @@ class MoeMLP(nnx.Module):
                for w in (self.experts.wi_0, self.experts.wi_1, self.experts.wo)]
     context = partitioning.current_axis_rules()
     if self.dispatch == "dropless":
-      platform = (jax.default_backend() if context is None
-                  else context[0].devices.flat[0].platform)
+      platform = partitioning.mesh_platform(None if context is None else context[0])
       body = functools.partial(
           _dropless_experts, activation=self.activation, dropout_rate=self.dropout_rate,
           grouped_matmul=select_grouped_matmul(self.matmul, platform, self.interpret_kernels))

@@ -42,6 +42,12 @@ def mesh_shape_for(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def mesh_platform(mesh) -> str:
+  """The platform a computation over `mesh` compiles for: its devices' (compile-only
+  TPU or GPU devices too), else, without a mesh, the default backend's."""
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 @gin.configurable
 def create_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, sequence: int = 1,
                 tensor: int = 1, devices=None) -> Mesh:

@@ -91,6 +91,10 @@ def topology_devices(name: str) -> TopologyDevices:
                      f"({', '.join(GPU_TARGETS)}), e.g. h100:8, or a TPU topology, e.g. "
                      "v5e:4x4.")
   hosts, per_host = _gpu_shape(name, shape) if gpu else (None, None)
+  if gpu is None and os.environ.get("JAX_PLATFORMS") == "cpu":
+    # This process opens no TPU, so it need not hold libtpu's one-process lock
+    # (/tmp/libtpu_lockfile): several compile-only jobs can run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     if gpu is None:
       return TopologyDevices(topologies.get_topology_desc(name, platform="tpu").devices)
@@ -107,6 +111,12 @@ def topology_devices(name: str) -> TopologyDevices:
         f"--dry_run_topology={name!r} gives no devices here ({cause}); compiling for "
         f"{support}; without it, simulate the device count with "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N.") from None
+
+
+def lowering_platform(device) -> str:
+  """The platform name `lower(lowering_platforms=...)` takes for `device` ('cuda' for a
+  GPU, whose devices say 'gpu')."""
+  return "cuda" if device.platform == "gpu" else device.platform
 
 
 def device_memory_bytes(device_kind: str) -> int | None:

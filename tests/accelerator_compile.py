@@ -28,10 +28,10 @@ import test_moe_dropless
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
 import grouped_matmul as grouped_matmul_bench  # noqa: E402  (bench/grouped_matmul.py)
 from ul2x import partitioning
-from ul2x.partitioning.topologies import topology_devices
 from ul2x.kernels.attention_inputs import PositionBias
 from ul2x.kernels.grouped_matmul import GROUPED_MATMULS, select_grouped_matmul
 from ul2x.model import attention
+from ul2x.partitioning.topologies import lowering_platform, topology_devices
 
 
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
@@ -39,17 +39,17 @@ KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
 
 def lower(fn, args, device):
   """fn(*args) lowered for `device`'s platform (jax names the GPU one 'cuda')."""
-  return jax.jit(fn).trace(*args).lower(
-      lowering_platforms=("cuda" if device.platform == "gpu" else device.platform,))
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering_platform(device),))
 
 
-def compile_case(device, case) -> dict:
-  """Compiles jit(grad) of the kernel's out and lse w.r.t. q, k, v and the table."""
+def compile_case(device, case, block_sizes=None) -> dict:
+  """Compiles jit(grad) of the kernel's out and lse w.r.t. q, k, v and the table, at
+  `block_sizes` (None: the platform's defaults)."""
   (q, k, v, table), _, tokens = t._inputs(case)
 
   def loss(q, k, v, table, q_tok, kv_tok):
     out, lse = t._flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
-                        block_sizes=None, platform=device.platform)
+                        block_sizes=block_sizes, platform=device.platform)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   sharding = jax.sharding.SingleDeviceSharding(device)
