@@ -1,9 +1,10 @@
 """Flash attention: TFLOP/s of the Pallas kernel (kernels/flash_attention.py) against
 `jax.nn.dot_product_attention` ('xla', and 'cudnn' where available), forward and
 forward + backward, causal, bfloat16, head_dim 64 and 128, lengths 1k-32k; and with
-the T5 relative bias (computed inside the kernel) against the dense-bias reference
-(`model/attention.py::dot_product_attention`) where its [batch, heads, L, L] bias and
-logits fit in memory. Prints JSON.
+the T5 relative bias (computed inside the kernel) against the same implementations
+given the dense [batch, heads, L, L] bias and against the model's reference
+(`model/attention.py::dot_product_attention`), each where its dense tensors fit in
+memory. Prints JSON.
 
 FLOPs are the model's: 4 * batch * heads * L^2 * head_dim for the forward (two
 matmuls), 3x that for forward + backward (no credit for recomputation), halved when
@@ -85,9 +86,11 @@ def _time(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _dense_bytes(batch, heads, length) -> int:
-  """The float32 [batch, heads, L, L] logits (and bias) a dense implementation holds."""
-  return 2 * batch * heads * length * length * 4
+def _dense_bytes(impl, bias, batch, heads, length) -> int:
+  """The float32 [batch, heads, L, L] tensors an implementation holds: the logits
+  ('xla' and the reference; cuDNN and flash hold tiles) and the dense bias (all but flash)."""
+  tensors = (impl in ("xla", "reference")) + (bias and impl != "flash")
+  return tensors * batch * heads * length * length * 4
 
 
 def _memory_limit() -> int | None:
@@ -101,8 +104,8 @@ def measure(impl, *, length, head_dim, dtype, causal, bias, tokens, width, repea
   record = dict(impl=impl, length=length, head_dim=head_dim, batch=batch, heads=heads,
                 dtype=jnp.dtype(dtype).name, causal=causal, bias=bias)
   limit = _memory_limit()
-  if impl != "flash" and limit and _dense_bytes(batch, heads, length) > limit // 2:
-    return record | dict(skipped="dense logits do not fit in device memory")
+  if limit and _dense_bytes(impl, bias, batch, heads, length) > limit // 2:
+    return record | dict(skipped="dense logits or bias do not fit in device memory")
   args = _inputs(batch, length, heads, head_dim, dtype)
   flops = 4 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
   fwd, fwd_bwd = _programs(_attention(impl, causal, bias, head_dim ** -0.5, interpret))
@@ -156,8 +159,8 @@ def main():
       setting = dict(length=length, head_dim=head_dim, dtype=jnp.bfloat16, causal=True,
                      tokens=args.tokens, width=args.width, repeats=args.repeats)
       results += [measure(impl, bias=False, **setting) for impl in impls]
-      results += [measure(impl, bias=True, **setting) for impl in ("flash", "reference")]
-      print(json.dumps(results[-2:]), file=sys.stderr, flush=True)  # progress
+      results += [measure(impl, bias=True, **setting) for impl in ["reference", *impls]]
+      print(json.dumps(results[-2 * len(impls) - 1:]), file=sys.stderr, flush=True)
   print(json.dumps(env | dict(results=results), indent=2, default=float))
 
 

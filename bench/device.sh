@@ -22,6 +22,10 @@ set -euo pipefail
 stage=${1:?usage: bash bench/device.sh tests|attention|mfu|moe}
 out=${OUT:-/tmp/ul2x-device}
 mkdir -p "$out" /tmp/pkg
+if ! compgen -G ".whl/gin_config-*.whl" >/dev/null; then
+  echo "no .whl/gin_config-*.whl: fetch it here first (this script's header) and carry .whl" >&2
+  exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl
 ln -sfn "$PWD" /tmp/pkg/ul2x  # the package is the repository root (pyproject's package-dir)
@@ -30,16 +34,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 case "$stage" in
   tests)  # tests/conftest.py defaults to 8 CPU devices: ask for the GPU explicitly
     JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= python3 -m pytest -q \
-      -p no:cacheprovider tests/test_flash_attention.py tests/test_grouped_matmul_pallas.py \
-      -k "gpu" 2>&1 | tee "$out/tests.log" ;;
-  attention)
-    python3 bench/attention.py 2>&1 | tee "$out/attention.json"
-    python3 bench/grouped_matmul.py 2>&1 | tee "$out/grouped_matmul.json" ;;
+      -p no:cacheprovider -m gpu tests/test_flash_attention.py \
+      tests/test_grouped_matmul_pallas.py 2>&1 | tee "$out/tests.log" ;;
+  attention)  # the JSON result to NAME.json, progress lines and errors to NAME.log
+    python3 bench/attention.py 2>&1 >"$out/attention.json" | tee "$out/attention.log"
+    python3 bench/grouped_matmul.py 2>&1 >"$out/grouped_matmul.json" \
+      | tee "$out/grouped_matmul.log" ;;
   mfu)
-    python3 bench/mfu.py 2>&1 | tee "$out/mfu.json" ;;
+    python3 bench/mfu.py 2>&1 >"$out/mfu.json" | tee "$out/mfu.log" ;;
   moe)
     python3 bench/mfu.py --models moe_1b_8e_dropless,moe_1b_8e_dropless_ragged_dot \
-      --remats dots_saveable 2>&1 | tee "$out/moe.json" ;;
+      --remats dots_saveable 2>&1 >"$out/moe.json" | tee "$out/moe.log" ;;
   *)
     echo "unknown stage '$stage': use tests, attention, mfu or moe" >&2; exit 2 ;;
 esac

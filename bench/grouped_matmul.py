@@ -6,8 +6,8 @@ at MoE expert sizes with tokens spread evenly or skewed over the experts. On GPU
 alternatives that jax ships, where the installed jax has them: ragged_dot with
 `jax_ragged_dot_use_gpu_pallas_triton_lowering`, and the Hopper Mosaic GPU kernels of
 `jax.experimental.pallas.ops.gpu` (forward and dX `ragged_dot_mgpu`, dW
-`transposed_ragged_dot_mgpu`; untuned blocks). One JSON line per case, then the whole
-result. Imports only kernels/.
+`transposed_ragged_dot_mgpu`; untuned blocks). One JSON line per case on stderr, then the whole
+result on stdout. Imports only kernels/
 
 On the GPU machine, from the repository root (no other wheels needed):
 
@@ -30,6 +30,7 @@ nothing):
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -178,7 +179,7 @@ def main():
           if impl != "ragged_dot" and "train_ms" in rows[impl] and "train_ms" in base:
             rows[impl]["train_speedup"] = base["train_ms"] / rows[impl]["train_ms"]
             rows[impl]["forward_speedup"] = base["forward_ms"] / rows[impl]["forward_ms"]
-          print(json.dumps(rows[impl]), flush=True)
+          print(json.dumps(rows[impl]), file=sys.stderr, flush=True)  # progress
         results.extend(rows.values())
   print(json.dumps({"bench": "grouped_matmul",
                     "device_kind": (device or jax.devices()[0]).device_kind,

@@ -2,7 +2,9 @@
 accelerator: the jitted train step on synthetic batches, bfloat16 activations, per
 remat policy, flash attention where the platform has compiled kernels; and the dry
 run's memory figure (XLA's memory_analysis of the same compiled step) against the
-device's measured peak. One JSON line per run as it finishes, then the whole result.
+device's measured peak. On a device each run is a process of its own, so its peak is
+its own (a process's `peak_bytes_in_use` never goes down) and a crash ends only that run.
+One JSON line per run on stderr as it finishes, then the whole result on stdout.
 
 Imports only model/, kernels/, partitioning/ and the train step: no TensorFlow, seqio
 or tasks/. On the GPU machine (no gin-config there: carry its wheel as .whl, see the
@@ -27,6 +29,9 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
+import subprocess
+import sys
 import time
 
 import jax
@@ -121,6 +126,19 @@ def compile_only(cfg: TransformerConfig, batch_size: int, args, topology: str) -
   return {k: r[k] for k in keys}
 
 
+def run_in_subprocess(row: str, args) -> dict:
+  """`run` of one MODEL:REMAT in a fresh process, with this one's settings."""
+  flags = [f"--{name}={getattr(args, name)}"
+           for name in ("attention", "batch_size", "inputs", "targets", "steps")]
+  done = subprocess.run([sys.executable, __file__, *flags, f"--row={row}"],
+                        capture_output=True, text=True)
+  if done.returncode:
+    lines = done.stderr.strip().splitlines() or ["no output"]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+    raise RuntimeError(f"exit {done.returncode}: {(errors or lines)[-1]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="dense_1b,moe_1b_8e",
@@ -134,28 +152,40 @@ def main():
   parser.add_argument("--targets", type=int, default=256)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps (CPU check)")
+  parser.add_argument("--row", help="MODEL:REMAT: one run in this process (the loop "
+                      "starts one process per run)")
   parser.add_argument("--topology", help="compile only, for this TPU topology or GPUs (e.g. "
                       "v5p:2x2x1, h200:1)")
   args = parser.parse_args()
   if args.smoke:
     args.models, args.remats, args.batch_size, args.steps = "tiny", "none,full", 2, 2
     args.inputs, args.targets = 64, 16
-  accelerator = args.topology or jax.default_backend() in ("gpu", "tpu")
-  attention = args.attention if args.attention != "auto" else (
-      "flash" if accelerator else "reference")
   lengths = {"encoder_input_tokens": args.inputs, "decoder_input_tokens": args.targets}
+  if args.row:  # one run, in a process of its own (started by the loop below)
+    model, remat = args.row.split(":")
+    attention = args.attention if args.attention != "auto" else (
+        "flash" if jax.default_backend() in ("gpu", "tpu") else "reference")
+    cfg = dataclasses.replace(MODELS[model], remat=remat, attention=attention)
+    print(json.dumps({"attention": attention} | run(cfg, args.batch_size, lengths, args.steps)))
+    return
+  # No JAX backend in this process until the runs are done: on a GPU it would take 75% of
+  # the memory, and a TPU admits one process.
   results = []
   for model in args.models.split(","):
     for remat in args.remats.split(","):
-      cfg = dataclasses.replace(MODELS[model], remat=remat, attention=attention)
-      row = {"model": model, "remat": remat, "attention": attention}
+      row = {"model": model, "remat": remat}
       try:
-        row |= (compile_only(cfg, args.batch_size, args, args.topology) if args.topology
-                else run(cfg, args.batch_size, lengths, args.steps))
+        if args.topology:
+          attention = "flash" if args.attention == "auto" else args.attention
+          row |= {"attention": attention} | compile_only(
+              dataclasses.replace(MODELS[model], remat=remat, attention=attention),
+              args.batch_size, args, args.topology)
+        else:
+          row |= run_in_subprocess(f"{model}:{remat}", args)
       except Exception as error:  # out of memory, or a kernel that fails here: keep going
         row["error"] = " ".join(str(error).split())[:300]
       results.append(row)
-      print(json.dumps(row), flush=True)
+      print(json.dumps(row), file=sys.stderr, flush=True)
   print(json.dumps({
       "bench": "mfu", "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node(),

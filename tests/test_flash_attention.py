@@ -63,8 +63,8 @@ def _tokens(case: Case, length: int) -> Tokens:
   seg = np.ones((case.batch, length), np.int32)
   if case.packed:
     seg[0, length // 3:] = 2
-    seg[0, length - 4:] = 0
     seg[-1, length // 2:] = 3
+    seg[:, length - 4:] = 0
   starts = np.maximum.accumulate(
       np.where(np.diff(seg, axis=1, prepend=-1) != 0, np.arange(length), 0), axis=1)
   pos = np.arange(length) - starts
@@ -167,6 +167,11 @@ def test_matches_reference_interpret(name):
   _check(CASES[name])
 
 
+def test_bfloat16_with_bias_matches_reference_interpret():
+  _check(dataclasses.replace(CASES["causal-bias-packed"], dtype="bfloat16", q_len=21,
+                             kv_len=21))
+
+
 def test_tiles_above_the_causal_diagonal_are_skipped():
   """NaN in the last key/value row reaches only the query tile that sees it: every
   other tile holding it lies above the diagonal and is never computed (a computed
@@ -218,6 +223,27 @@ def test_model_falls_back_to_reference_on_cpu_with_a_log_line(caplog):
   dense = attention.stack_bias(relative, q_tok.positions, "reference")
   want = jax.jit(lambda q, k, v, dense: dot_product_attention(q, k, v, bias=dense, **kw))
   np.testing.assert_array_equal(got, want(q, k, v, dense))
+
+
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
+def test_model_with_flash_equals_reference(monkeypatch, architecture):
+  """A whole model with attention='flash' (the kernels in interpret mode) against
+  attention='reference': loss and every parameter's gradient. Encoder-decoder
+  (bidirectional with the bias, causal, cross) and a prefix-LM, padded; batch over data
+  and heads over tensor, as the model's shard_map splits them."""
+  from test_ring_attention import _lm_batch
+  from train_utils import TINY, loss_and_grads
+  monkeypatch.setitem(attention.ATTENTION_FNS, "flash", functools.partial(
+      attention.flash_dot_product_attention, interpret=True))
+  cfg = dataclasses.replace(TINY, architecture=architecture, head_dim=16,
+                            num_encoder_layers=1, num_decoder_layers=1)
+  batch = _lm_batch(20, prefix=architecture == "decoder_only", encoder_length=24)
+  loss, grads = loss_and_grads({"data": 1}, cfg, batch)
+  flash_loss, flash_grads = loss_and_grads(
+      dict(data=2, tensor=2), dataclasses.replace(cfg, attention="flash"), batch)
+  np.testing.assert_allclose(float(flash_loss), float(loss), rtol=1e-5)
+  jax.tree.map(lambda g, f: np.testing.assert_allclose(f, g, rtol=1e-4, atol=2e-6),
+               jax.device_get(grads), jax.device_get(flash_grads))
 
 
 def test_ring_attention_with_flash_blocks_matches_reference():
@@ -408,12 +434,14 @@ COMPILED_CASES = {
     for name, case in CASES.items()}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton kernel)")
 @pytest.mark.parametrize("name", list(COMPILED_CASES))
 def test_matches_reference_gpu(name):
   _check(COMPILED_CASES[name], interpret=False, block_sizes=None)
 
 
+@pytest.mark.tpu
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Mosaic kernel)")
 @pytest.mark.parametrize("name", list(COMPILED_CASES))
 def test_matches_reference_tpu(name):

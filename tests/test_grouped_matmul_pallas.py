@@ -178,3 +178,12 @@ def test_compiled_pallas_grouped_matmul_matches_ragged_dot_on_gpu(dtype, tol):
   """The Triton kernels at the default blocks (float32 dots run in TF32 on GPU)."""
   _check(lambda x, w, s: gp.grouped_matmul(x, w, s),
          *_inputs([40, 0, 90, 170, 1], dtype, m=320, k=200, n=520), tol=tol)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Mosaic kernel)")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-2), (jnp.bfloat16, 3e-2)])
+def test_compiled_tpu_grouped_matmul_matches_ragged_dot_on_tpu(dtype, tol):
+  """The Mosaic dW kernel at the default blocks, with XLA's ragged_dot forward and dX."""
+  _check(lambda x, w, s: gt.grouped_matmul(x, w, s),
+         *_inputs([40, 0, 90, 170, 1], dtype, m=320, k=256, n=512), tol=tol)
