@@ -7,7 +7,7 @@ alternatives that jax ships, where the installed jax has them: ragged_dot with
 `jax_ragged_dot_use_gpu_pallas_triton_lowering`, and the Hopper Mosaic GPU kernels of
 `jax.experimental.pallas.ops.gpu` (forward and dX `ragged_dot_mgpu`, dW
 `transposed_ragged_dot_mgpu`; untuned blocks). One JSON line per case on stderr, then the whole
-result on stdout. Imports only kernels/
+result on stdout. Imports only kernels/.
 
 On the GPU machine, from the repository root (no other wheels needed):
 
