@@ -8,7 +8,9 @@ with as many threads as the machine has cores. Each size reports each framework'
 time (best of --rounds rounds of --steps steps, the frameworks interleaved within each
 round), tokens/s, model FLOP/s (the analytic count of model/flops.py, the same for both)
 over each framework's own 1024^3 float32 matmul rate measured in the same run, ul2x's
-compile time, and the ratio ul2x / PyTorch tokens/s. Run on one CPU device, on an
+compile time, the ratio ul2x / PyTorch tokens/s, and each framework's
+`gradient_over_forward`: the time of the loss's gradient (forward + backward) over the
+loss alone (best of --rounds, interleaved with the steps). Run on one CPU device, on an
 otherwise idle machine:
 
   JAX_PLATFORMS=cpu .venv/bin/python bench/vs_pytorch.py
@@ -29,10 +31,12 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ul2x import partitioning
 from ul2x.export.mappings import t5_config
 from ul2x.model import TransformerConfig
+from ul2x.model.contract import loss_sums
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
@@ -58,7 +62,8 @@ def make_batch(batch_size: int, seed: int = 0) -> dict:
 
 
 def ul2x_trainer(cfg: TransformerConfig, batch: dict):
-  """-> (run(n): n train steps, compile seconds)."""
+  """-> (run(n): n train steps, compile seconds, {'forward': f, 'gradient': f}: the
+  loss alone and its parameter gradient, each a jitted call)."""
   with gin.unlock_config():
     gin.bind_parameter("create_optimizer.name", "adamw")
     gin.bind_parameter("learning_rate_schedule.schedule", "constant")
@@ -76,11 +81,20 @@ def ul2x_trainer(cfg: TransformerConfig, batch: dict):
       state["s"], metrics = step(state["s"], data)
     jax.block_until_ready(metrics)
 
-  return run, compile_s
+  def loss(params):
+    with partitioning.axis_rules(job.mesh, job.rules):
+      logits = nnx.merge(job.graphdef, params)(data)
+    return loss_sums(logits, data, 0.0)["loss"]
+
+  params = job.init_state()["params"]
+  passes = {name: (lambda fn=jax.jit(fn): jax.block_until_ready(fn(params)))
+            for name, fn in (("forward", loss), ("gradient", jax.grad(loss)))}
+  return run, compile_s, passes
 
 
 def torch_trainer(cfg: TransformerConfig, batch: dict):
-  """-> run(n): n eager AdamW steps of T5ForConditionalGeneration."""
+  """-> (run(n): n eager AdamW steps of T5ForConditionalGeneration, {'forward': f,
+  'gradient': f}: the training-mode loss alone, and with its backward pass)."""
   import torch
   import transformers
 
@@ -100,7 +114,14 @@ def torch_trainer(cfg: TransformerConfig, batch: dict):
       opt.step()
       opt.zero_grad(set_to_none=True)
 
-  return run
+  def forward():
+    return model(input_ids=inputs, decoder_input_ids=dec_in, labels=labels).loss
+
+  def gradient():
+    forward().backward()
+    model.zero_grad(set_to_none=True)
+
+  return run, {"forward": forward, "gradient": gradient}
 
 
 def matmul_rates(n: int = 1024, repeats: int = 10) -> dict:
@@ -126,20 +147,29 @@ def _timed(fn) -> float:
 
 def compare(name: str, cfg: TransformerConfig, args, rates: dict) -> dict:
   batch = make_batch(args.batch_size)
-  runs = {"pytorch": torch_trainer(cfg, batch)}
-  runs["ul2x"], compile_s = ul2x_trainer(cfg, batch)
-  for run in runs.values():
-    run(1)  # warm-up
+  runs, passes = {}, {}
+  runs["pytorch"], passes["pytorch"] = torch_trainer(cfg, batch)
+  runs["ul2x"], compile_s, passes["ul2x"] = ul2x_trainer(cfg, batch)
+  for k in runs:
+    runs[k](1)  # warm-up (and compilation of the passes)
+    for fn in passes[k].values():
+      fn()
   best = {k: float("inf") for k in runs}
+  best_pass = {(k, name): float("inf") for k in runs for name in passes[k]}
   for _ in range(args.rounds):
     for k, run in runs.items():
       best[k] = min(best[k], _timed(lambda: run(args.steps)) / args.steps)
+      for name, fn in passes[k].items():
+        best_pass[k, name] = min(best_pass[k, name], _timed(fn))
   tokens = args.batch_size * tokens_per_example(cfg, LENGTHS)
   flops = args.batch_size * training_flops_per_example(cfg, LENGTHS)
   result = {k: {"step_time_s": round(s, 4), "tokens_per_s": round(tokens / s, 1),
                 "model_gflops_per_s": round(flops / s / 1e9, 2),
                 "fraction_of_matmul_rate": round(flops / s / rates[k], 3)}
             for k, s in best.items()}
+  for k in runs:
+    result[k]["gradient_over_forward"] = round(best_pass[k, "gradient"]
+                                               / best_pass[k, "forward"], 2)
   result["ul2x"]["compile_s"] = round(compile_s, 2)
   result["ul2x_over_pytorch_tokens_per_s"] = round(best["pytorch"] / best["ul2x"], 3)
   result["model_gflops_per_step"] = round(flops / 1e9, 2)

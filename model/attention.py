@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 from ul2x.kernels import flash_attention as flash
 from ul2x.kernels import ring_attention as ring
 from ul2x.kernels.attention_inputs import Tokens, visible
-from ul2x.model.layers import Dense
+from ul2x.model.layers import Dense, add_shared
 from ul2x.model.position import T5BucketBias, apply_rope
 from ul2x.partitioning import (constrain, current_axis_rules, logical_to_spec, mesh_axes,
                                mesh_platform)
@@ -40,7 +40,7 @@ def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions
   kv = "bhkd" if kv_heads_first else "bkhd"
   logits = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
-    logits += bias
+    logits = add_shared(logits, bias)
   mask = visible(Tokens(q_segment_ids, q_positions, q_prefix),
                  Tokens(kv_segment_ids, kv_positions, kv_prefix), causal)
   logits = jnp.where(mask[:, None], logits, _MASK_VALUE)

@@ -102,6 +102,43 @@ def contract(x, kernel, n_in: int):
   return _contract(x, kernel, n_in)
 
 
+def _sum_batch(g):
+  """g [b, ...] summed over its leading axis by halving, keeping it as 1: adds of
+  contiguous halves, where XLA:CPU's YNNPACK reduction over a leading axis reads
+  strided (docs/benchmarks.md, "Against PyTorch")."""
+  while g.shape[0] > 1:
+    half = g.shape[0] // 2
+    summed = g[:half] + g[half:2 * half]
+    g = summed.at[:1].add(g[2 * half:]) if g.shape[0] % 2 else summed
+  return g
+
+
+@jax.custom_vjp
+def _add_shared_cpu(x, y):
+  return x + y
+
+
+def _add_shared_cpu_fwd(x, y):
+  return x + y, None
+
+
+def _add_shared_cpu_bwd(_, g):
+  return g, _sum_batch(g)
+
+
+_add_shared_cpu.defvjp(_add_shared_cpu_fwd, _add_shared_cpu_bwd)
+
+
+def add_shared(x, y):
+  """x + y for y shared by the batch, [1, *x.shape[1:]] (the relative position bias
+  added to every example's logits). On CPU y's gradient is summed over the batch by
+  `_sum_batch`; elsewhere, and for any other shapes or dtypes, this is x + y."""
+  if (jax.default_backend() == "cpu" and x.ndim == y.ndim and y.shape[0] == 1
+      and y.shape[1:] == x.shape[1:] and x.dtype == y.dtype):
+    return _add_shared_cpu(x, y)
+  return x + y
+
+
 class Embed(nnx.Module):
   """Token embedding [vocab, embed]; `attend` gives tied output logits."""
 

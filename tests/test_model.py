@@ -252,6 +252,22 @@ def test_dense_contract_gradients_equal_autodiff(n_in, in_shape, out_shape):
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 8])
+def test_shared_bias_add_gradients_equal_autodiff(batch):
+  """The relative bias's CPU add (layers.add_shared, a custom VJP summing the batch by
+  halving, odd sizes included) has the outputs and gradients of plain autodiff."""
+  kx, ky, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (batch, 2, 3, 4))
+  y = jax.random.normal(ky, (1, 2, 3, 4))
+  g = jax.random.normal(kg, (batch, 2, 3, 4))
+  outs = {}
+  for name, fn in (("fast", layers._add_shared_cpu), ("plain", jnp.add)):
+    out, vjp = jax.vjp(fn, x, y)
+    outs[name] = (out, *vjp(g))
+  for fast, plain in zip(outs["fast"], outs["plain"]):
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_remat_policy_is_one_clear_error():
   with pytest.raises(ValueError, match="remat='dots'.*dots_saveable"):
     TransformerConfig(remat="dots")
