@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ul2x.partitioning import constrain
+from ul2x.partitioning import (constrain, current_axis_rules, logical_to_spec, mesh_axes,
+                               mesh_platform)
 
 # The gated MLPs' activations by `TransformerConfig.activation` (jax's gelu: tanh approximation).
 ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
@@ -97,7 +98,7 @@ _contract_cpu.defvjp(_contract_cpu_fwd, _contract_cpu_bwd)
 
 def contract(x, kernel, n_in: int):
   """x[..., *in] . kernel[*in, *out] -> [..., *out] (a dense layer's matmul)."""
-  if jax.default_backend() == "cpu":
+  if _compiles_for_cpu():
     return _contract_cpu(x, kernel, n_in)
   return _contract(x, kernel, n_in)
 
@@ -129,12 +130,30 @@ def _add_shared_cpu_bwd(_, g):
 _add_shared_cpu.defvjp(_add_shared_cpu_fwd, _add_shared_cpu_bwd)
 
 
+def _compiles_for_cpu() -> bool:
+  """Whether the computation being traced is for CPU: the active mesh's platform
+  (a compile-only TPU or GPU mesh is not), else the default backend."""
+  context = current_axis_rules()
+  return mesh_platform(context[0] if context else None) == "cpu"
+
+
+def _batch_is_whole() -> bool:
+  """Whether the axis rules leave the logical `batch` axis on one device."""
+  context = current_axis_rules()
+  if context is None:
+    return True
+  mesh, rules = context
+  spec = logical_to_spec(("batch",), rules, dict(mesh.shape))
+  return math.prod(mesh.shape[a] for a in mesh_axes(spec[0] if len(spec) else None)) == 1
+
+
 def add_shared(x, y):
   """x + y for y shared by the batch, [1, *x.shape[1:]] (the relative position bias
-  added to every example's logits). On CPU y's gradient is summed over the batch by
-  `_sum_batch`; elsewhere, and for any other shapes or dtypes, this is x + y."""
-  if (jax.default_backend() == "cpu" and x.ndim == y.ndim and y.shape[0] == 1
-      and y.shape[1:] == x.shape[1:] and x.dtype == y.dtype):
+  added to every example's logits). On CPU, with the batch on one device, y's gradient
+  is summed over the batch by `_sum_batch`; otherwise, and for other shapes or dtypes,
+  this is x + y (halving a split batch would move its halves between devices)."""
+  if (x.ndim == y.ndim and y.shape[0] == 1 and y.shape[1:] == x.shape[1:]
+      and x.dtype == y.dtype and _compiles_for_cpu() and _batch_is_whole()):
     return _add_shared_cpu(x, y)
   return x + y
 

@@ -268,6 +268,23 @@ def test_shared_bias_add_gradients_equal_autodiff(batch):
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_sizes,fast", [(None, True), (dict(data=1, tensor=2), True),
+                                              (dict(data=2), False)])
+def test_shared_bias_add_takes_the_cpu_path_only_with_the_batch_on_one_device(
+    mesh_sizes, fast):
+  """Halving a batch split over devices would move its halves between them."""
+  from ul2x import partitioning
+  x, y = jnp.zeros((4, 2, 3, 3)), jnp.zeros((1, 2, 3, 3))
+  grad = jax.grad(lambda y: layers.add_shared(x, y).sum())
+  if mesh_sizes is None:
+    jaxpr = str(jax.make_jaxpr(grad)(y))
+  else:
+    mesh = partitioning.create_mesh(**mesh_sizes, devices=jax.devices()[:2])
+    with partitioning.axis_rules(mesh, partitioning.standard_logical_axis_rules()):
+      jaxpr = str(jax.make_jaxpr(grad)(y))
+  assert ("slice[" in jaxpr) == fast  # the halving sum slices; autodiff reduces
+
+
 def test_unknown_remat_policy_is_one_clear_error():
   with pytest.raises(ValueError, match="remat='dots'.*dots_saveable"):
     TransformerConfig(remat="dots")
