@@ -21,7 +21,7 @@ from ul2x.kernels import ring_attention as ring
 from ul2x.kernels.attention_inputs import Tokens, visible
 from ul2x.model.layers import Dense, add_shared
 from ul2x.model.position import T5BucketBias, apply_rope
-from ul2x.partitioning import (constrain, current_axis_rules, logical_to_spec, mesh_axes,
+from ul2x.partitioning import (constrain, current_split, logical_to_spec, mesh_axes,
                                mesh_platform)
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -52,18 +52,6 @@ RING_BLOCK_SIZE = 512  # most tokens per tile of the blockwise computation in a 
 _FLASH_PLATFORMS = ("gpu", "tpu")  # platforms with compiled flash kernels
 
 
-def _length_axis():
-  """(mesh, rules, mesh axis that the rules split `length` over or None, its size);
-  no mesh outside `partitioning.axis_rules`."""
-  context = current_axis_rules()
-  if context is None:
-    return None, None, None, 1
-  mesh, rules = context
-  spec = logical_to_spec(("length",), rules, dict(mesh.shape))
-  axis = spec[0] if len(spec) else None
-  return mesh, rules, axis, math.prod(mesh.shape[a] for a in mesh_axes(axis))
-
-
 def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions,
                                kv_positions, causal=False, q_prefix=None, kv_prefix=None,
                                bias=None, scale=1.0):
@@ -73,7 +61,7 @@ def ring_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_posi
   (`sequence`), batch and heads as the rules shard them; outside, on one device. Each
   ring step's tiles run in the flash kernels on GPU and TPU (the mesh's platform), in
   plain JAX elsewhere (`_ring_blocks`)."""
-  mesh, rules, axis, n = _length_axis()
+  mesh, rules, axis, n = current_split("length")
   platform = mesh_platform(mesh)
   for what, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
     if length % n:
@@ -125,7 +113,7 @@ def ring_layout(cfg, length: int):
   per-token arrays: the zigzag of kernels/ring_attention.py over the ring, so every
   device does the same causal work, with `attention='ring'` and `ring_load_balance`
   on a mesh; the identity otherwise."""
-  n = _length_axis()[3] if cfg.attention == "ring" and cfg.ring_load_balance else 1
+  n = current_split("length")[3] if cfg.attention == "ring" and cfg.ring_load_balance else 1
   if n == 1:
     return (lambda x: x), (lambda x: x)
   if cfg.num_experts:
@@ -169,7 +157,7 @@ def flash_dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_pos
   (for tests). Under `axis_rules` it runs in a shard_map over the mesh: batch and heads
   split as the rules shard q (k/v heads and the bias table alike), whole sequences per
   device; outside, on whole arrays."""
-  mesh, rules, axis, _ = _length_axis()
+  mesh, rules, axis, _ = current_split("length")
   platform = mesh_platform(mesh)
   if not interpret and platform not in _FLASH_PLATFORMS:
     _log_flash_fallback(platform)

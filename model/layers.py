@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ul2x.partitioning import (constrain, current_axis_rules, logical_to_spec, mesh_axes,
-                               mesh_platform)
+from ul2x.partitioning import constrain, current_axis_rules, current_split, mesh_platform
 
 # The gated MLPs' activations by `TransformerConfig.activation` (jax's gelu: tanh approximation).
 ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
@@ -137,23 +136,13 @@ def _compiles_for_cpu() -> bool:
   return mesh_platform(context[0] if context else None) == "cpu"
 
 
-def _batch_is_whole() -> bool:
-  """Whether the axis rules leave the logical `batch` axis on one device."""
-  context = current_axis_rules()
-  if context is None:
-    return True
-  mesh, rules = context
-  spec = logical_to_spec(("batch",), rules, dict(mesh.shape))
-  return math.prod(mesh.shape[a] for a in mesh_axes(spec[0] if len(spec) else None)) == 1
-
-
 def add_shared(x, y):
   """x + y for y shared by the batch, [1, *x.shape[1:]] (the relative position bias
   added to every example's logits). On CPU, with the batch on one device, y's gradient
   is summed over the batch by `_sum_batch`; otherwise, and for other shapes or dtypes,
   this is x + y (halving a split batch would move its halves between devices)."""
   if (x.ndim == y.ndim and y.shape[0] == 1 and y.shape[1:] == x.shape[1:]
-      and x.dtype == y.dtype and _compiles_for_cpu() and _batch_is_whole()):
+      and x.dtype == y.dtype and _compiles_for_cpu() and current_split("batch")[3] == 1):
     return _add_shared_cpu(x, y)
   return x + y
 

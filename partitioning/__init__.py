@@ -6,4 +6,5 @@ from ul2x.partitioning.mesh import (MeshError, create_mesh, initialize_distribut
 from ul2x.partitioning.rules import (MESH_AXES, logical_to_spec, mesh_axes,
                                      standard_logical_axis_rules)
 from ul2x.partitioning.shardings import (axis_rules, batch_spec, constrain, current_axis_rules,
-                                         logical_axes, opt_state_specs, param_specs, to_named)
+                                         current_split, logical_axes, opt_state_specs,
+                                         param_specs, to_named)

@@ -1,6 +1,7 @@
 """Shardings for parameters, optimizer state, batches, and activation constraints."""
 
 import contextlib
+import math
 import threading
 
 import jax
@@ -9,7 +10,7 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ul2x.partitioning.rules import logical_to_spec
+from ul2x.partitioning.rules import logical_to_spec, mesh_axes
 
 _CONTEXT = threading.local()
 
@@ -28,6 +29,19 @@ def axis_rules(mesh: Mesh, rules):
 def current_axis_rules():
   """(mesh, rules) of the innermost active `axis_rules`, or None outside one."""
   return getattr(_CONTEXT, "value", None)
+
+
+def current_split(name: str):
+  """(mesh, rules, the mesh axis or axes the rules split logical axis `name` over or None,
+  how many shards that makes) under the innermost `axis_rules`; (None, None, None, 1)
+  outside one."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return None, None, None, 1
+  mesh, rules = context
+  spec = logical_to_spec((name,), rules, dict(mesh.shape))
+  axis = spec[0] if len(spec) else None
+  return mesh, rules, axis, math.prod(mesh.shape[a] for a in mesh_axes(axis))
 
 
 def constrain(x, names):
