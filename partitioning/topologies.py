@@ -4,8 +4,11 @@ topologies (JAX's TPU support, libtpu: `make libtpu`) and NVIDIA GPUs described 
 target config (JAX's CUDA plugin: `make cuda_plugin`). Their compiler is the real one;
 nothing runs."""
 
+import contextlib
 import dataclasses
 import os
+
+import jax
 
 GIB = 2**30
 
@@ -117,6 +120,20 @@ def lowering_platform(device) -> str:
   """The platform name `lower(lowering_platforms=...)` takes for `device` ('cuda' for a
   GPU, whose devices say 'gpu')."""
   return "cuda" if device.platform == "gpu" else device.platform
+
+
+@contextlib.contextmanager
+def gpu_target(device_kind: str):
+  """Inside, Pallas lowers Triton kernels for a GPU of `device_kind` (e.g. 'NVIDIA H200')
+  though this host has none: jax >= 0.12 reads the GPU to lower for from the context's
+  abstract mesh, not from the arrays' devices, and only falls back to the default device
+  (here a CPU). An empty abstract mesh carries the device; older jax needs nothing."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    yield
+    return
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+    yield
 
 
 def device_memory_bytes(device_kind: str) -> int | None:

@@ -31,7 +31,7 @@ from ul2x import partitioning
 from ul2x.kernels.attention_inputs import PositionBias
 from ul2x.kernels.grouped_matmul import GROUPED_MATMULS, select_grouped_matmul
 from ul2x.model import attention
-from ul2x.partitioning.topologies import lowering_platform, topology_devices
+from ul2x.partitioning.topologies import gpu_target, lowering_platform, topology_devices
 
 
 KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
@@ -133,4 +133,8 @@ def main(topology: str):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if sys.argv[1].startswith(("a100", "h100", "h200")):
+    with gpu_target(topology_devices(sys.argv[1])[0].device_kind):
+      main(sys.argv[1])
+  else:
+    main(sys.argv[1])

@@ -1,4 +1,5 @@
-"""The `python -m ul2x.train` command line: an end-to-end run and one-line config errors."""
+"""The `python -m ul2x.train` command line: an end-to-end run (a subprocess) and one-line
+config errors (in this process, as the command runs them)."""
 
 import os
 import socket
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+from cli_utils import one_line_error, run_job
 
 BASE = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
         "--gin.TRAIN_STEPS=4", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
@@ -35,14 +37,6 @@ def test_cli_trains_and_writes_model_dir(tmp_path):
   assert os.listdir(tmp_path / "checkpoints" / "4")
 
 
-def _error_line(result):
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  assert "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1, result.stderr
-  return errors[0]
-
-
 @pytest.mark.parametrize("args, expected", [
     ([a for a in BASE if "TRAIN_STEPS" not in a],
      "required macro TRAIN_STEPS is not set; pass --gin.TRAIN_STEPS=VALUE"),
@@ -56,14 +50,14 @@ def _error_line(result):
         "steps_syntax", "unknown_task"])
 def test_config_errors_are_one_line(args, expected, tmp_path):
   model_dir = tmp_path / "run"
-  assert expected in _error_line(train_cli(*args, f"--gin.MODEL_DIR='{model_dir}'"))
+  one_line_error(run_job("train", *args, f"--gin.MODEL_DIR='{model_dir}'"), expected)
   assert not model_dir.exists()  # nothing is written before the config and data check out
 
 
 def test_unwritable_model_dir_is_one_line(tmp_path):
   (tmp_path / "file").write_text("not a directory")
-  line = _error_line(train_cli(*BASE, f"--gin.MODEL_DIR='{tmp_path}/file/run'"))
-  assert "cannot write MODEL_DIR" in line and "Not a directory" in line
+  one_line_error(run_job("train", *BASE, f"--gin.MODEL_DIR='{tmp_path}/file/run'"),
+                 "cannot write MODEL_DIR", "Not a directory")
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["coordinator", "peer"])
@@ -75,6 +69,5 @@ def test_a_process_that_never_joins_is_one_line_within_the_timeout(index, tmp_pa
   result = train_cli(*BASE, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--process_count=2",
                      f"--process_index={index}", f"--coordinator_address=127.0.0.1:{port}",
                      "--distributed_timeout=3")
-  line = _error_line(result)
-  assert f"process {index} of 2" in line and f"127.0.0.1:{port}" in line, line
+  one_line_error(result, f"process {index} of 2", f"127.0.0.1:{port}")
   assert time.monotonic() - start < 60

@@ -3,7 +3,6 @@ XLA's count, the fit verdict, and the CLI's exit status with nothing written."""
 
 import importlib.util
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from ul2x.tasks import pipeline
 from ul2x.trainer import dry_run, loop
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
+import compilers
 from train_utils import TINY
 
 LENGTHS = {"inputs": 16, "targets": 8}
@@ -151,11 +151,11 @@ def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
   assert not model_dir.exists()
 
 
-CUDA_PLUGIN = pathlib.Path(__file__).parents[1] / ".cuda_plugin"
+CUDA_PLUGIN = compilers.compiler_folder("cuda_plugin")
 
 
-@pytest.mark.skipif(not (CUDA_PLUGIN / ".installed").is_file(),
-                    reason="needs JAX's CUDA plugin (`make cuda_plugin`; `make test` installs it)")
+@pytest.mark.skipif(compilers.missing("cuda_plugin") is not None,
+                    reason=f"JAX's CUDA plugin: {compilers.missing('cuda_plugin')}")
 def test_cli_dry_run_for_gpus_this_host_lacks(tmp_path):
   """--dry_run_topology=h100:8 compiles with XLA's GPU compiler for 8 H100s described by
   their target config, and judges against what JAX lets a process use of an H100 (75% of

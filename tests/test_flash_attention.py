@@ -30,6 +30,8 @@ from ul2x.kernels.attention_inputs import PositionBias, Tokens, visible
 from ul2x.model import attention
 from ul2x.model.attention import dot_product_attention
 from ul2x.model.position import RelativePositionBias, T5BucketBias, relative_position_bucket
+from ul2x.partitioning import topologies
+import compilers
 
 BLOCKS = flash.BlockSizes(16, 16, 16, 16)  # several tiles, lengths not multiples of 16
 NUM_BUCKETS, MAX_DISTANCE = 32, 64
@@ -294,10 +296,11 @@ def test_lowers_to_triton_for_gpu():
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   triton = "__gpu$xla.gpu.triton"
-  exported = jax.export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-  )(q, k, v, table, *tokens)
+  with topologies.gpu_target("NVIDIA H200"):
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+    )(q, k, v, table, *tokens)
   module = exported.mlir_module()
   for name in ("flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq"):
     assert f'name = "{name}"' in module
@@ -373,8 +376,8 @@ def test_gradients_of_replicated_inputs_are_summed_over_the_shards():
 
 
 COMPILERS = {  # topology: (the compiler's folder, what `make` target installs it, device kind)
-    "v5e:2x2": (".libtpu", "libtpu", "TPU v5 lite"),
-    "h200:4": (".cuda_plugin", "cuda_plugin", "NVIDIA H200"),
+    "v5e:2x2": (compilers.compiler_folder("libtpu"), "libtpu", "TPU v5 lite"),
+    "h200:4": (compilers.compiler_folder("cuda_plugin"), "cuda_plugin", "NVIDIA H200"),
 }
 
 
@@ -391,9 +394,8 @@ def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
   expert x tensor. And the model's flash path on one device, where nothing varies in
   its shard_map (the kernels' outputs must still carry the manual axes' type)."""
   folder, target, kind = COMPILERS[topology]
-  folder = pathlib.Path(__file__).parents[1] / folder
-  if not (folder / ".installed").is_file():
-    pytest.skip(f"needs {folder.name} (`make {target}`; `make test` installs it)")
+  if compilers.missing(target):
+    pytest.skip(compilers.missing(target))
   env = dict(os.environ, PYTHONPATH=str(folder), TPU_SKIP_MDS_QUERY="1",
              JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no TPU to lock
   gpu = kind.startswith("NVIDIA")

@@ -20,6 +20,7 @@ from ul2x import partitioning
 from ul2x.kernels import grouped_matmul_pallas as gp
 from ul2x.kernels import grouped_matmul_tpu as gt
 from ul2x.kernels.grouped_matmul import grouped_matmul, select_grouped_matmul
+from ul2x.partitioning import topologies
 
 TINY = gp.Blocks(16, 16, 16)
 SIZES = {  # group sizes of 70 rows, 16-row tiles
@@ -121,10 +122,11 @@ def test_pallas_grouped_matmul_lowers_to_triton_for_gpu():
   x, w, sizes, _ = _inputs([40, 0, 90, 170, 0], jnp.bfloat16, m=300, k=300, n=520)
   loss = lambda x, w: jnp.sum(gp.grouped_matmul(x, w, sizes).astype(jnp.float32))
   triton = "__gpu$xla.gpu.triton"
-  module = jax.export.export(
-      jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-  )(x, w).mlir_module()
+  with topologies.gpu_target("NVIDIA H200"):
+    module = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+    )(x, w).mlir_module()
   assert module.count(f"custom_call @{triton}") == 3
   assert module.count('name = "grouped_matmul"') == 2  # forward and dX
   assert module.count('name = "grouped_matmul_weight_grad"') == 1

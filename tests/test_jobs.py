@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_utils import one_line_error, run_job
 
 # Two simulated devices (data=2): a sharded batch at a fraction of eight devices' cost.
 # The Makefile runs pytest with --dist loadfile, so the trained fixture is built once.
@@ -29,22 +30,18 @@ def cli(job: str, *args):
                         text=True, env=ENV, timeout=600)
 
 
+def infer_args(checkpoint, out) -> list[str]:
+  return [MODEL, "--gin_file=gin_configs/runs/infer.gin", LENGTHS,
+          f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.INFER_OUTPUT_DIR='{out}'"]
+
+
 def infer(checkpoint, out, *args):
-  return cli("infer", MODEL, "--gin_file=gin_configs/runs/infer.gin", LENGTHS,
-             f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.INFER_OUTPUT_DIR='{out}'", *args)
+  return cli("infer", *infer_args(checkpoint, out), *args)
 
 
 def rows(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
-
-
-def one_line_error(result, *fragments):
-  assert result.returncode == 2, result.stderr[-2000:]
-  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in error[0], error[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +80,7 @@ def test_infer_decodes_the_trained_task_and_eval_agrees(trained, tmp_path):
   assert [r["step"] for r in evaluated] == [200, 400, STEPS]
   assert evaluated[-1]["ul2x_reverse/exact_match"] == pytest.approx(exact_match(greedy))
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
-  again = cli("eval", *args)
+  again = run_job("eval", *args)
   assert again.returncode == 0 and "skipping steps [200, 400, 500]" in again.stdout
   assert len(rows(out / "metrics.jsonl")) == 3
 
@@ -101,43 +98,45 @@ def test_infer_on_a_file_predicts_and_scores(trained, tmp_path):
   inputs = tmp_path / "prompts.jsonl"
   inputs.write_text('{"inputs": "abcd", "targets": "dcba"}\n{"inputs": "hij", "targets": "hij"}\n')
   common = ["--gin.INPUT_FILE='%s'" % inputs, "--gin.infer.mode_token='[S2S]'"]
-  result = infer(trained, tmp_path, *common)
+  result = run_job("infer", *infer_args(trained, tmp_path), *common)
   assert result.returncode == 0, result.stderr[-3000:]
   predicted = rows(tmp_path / f"prompts-predict-{STEPS}.jsonl")
   assert [r["prediction"] for r in predicted] == ["dcba", "jih"]
-  result = infer(trained, tmp_path, *common, "--gin.infer.mode='score'")
+  result = run_job("infer", *infer_args(trained, tmp_path), *common, "--gin.infer.mode='score'")
   assert result.returncode == 0, result.stderr[-3000:]
   scored = rows(tmp_path / f"prompts-score-{STEPS}.jsonl")
   assert scored[0]["score"] == pytest.approx(predicted[0]["score"], abs=1e-4)
   assert scored[1]["score"] < scored[0]["score"] - 5  # 'hij' is not the reversal
   # Nothing is written over existing results.
   before = (tmp_path / f"prompts-predict-{STEPS}.jsonl").read_text()
-  one_line_error(infer(trained, tmp_path, *common), "exists", "--gin.infer.overwrite=True")
+  one_line_error(run_job("infer", *infer_args(trained, tmp_path), *common), "exists",
+                 "--gin.infer.overwrite=True")
   assert (tmp_path / f"prompts-predict-{STEPS}.jsonl").read_text() == before
 
 
 def test_bad_inputs_give_one_line(trained, tmp_path):
+  """In this process, as the commands run them (tests/cli_utils.py)."""
   task = "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"
-  one_line_error(infer(tmp_path / "empty", tmp_path, task), "holds no checkpoint")
-  one_line_error(infer(trained, tmp_path, "--gin.INPUT_FILE='/nonexistent.jsonl'"),
+  one_line_error(run_job("infer", *infer_args(tmp_path / "empty", tmp_path), task),
+                 "holds no checkpoint")
+  args = infer_args(trained, tmp_path)
+  one_line_error(run_job("infer", *args, "--gin.INPUT_FILE='/nonexistent.jsonl'"),
                  "/nonexistent.jsonl")
   bad = tmp_path / "in" / "bad.jsonl"
   bad.parent.mkdir()
   bad.write_text('{"inputs": "ab"}\nnot json\n')
-  one_line_error(infer(trained, tmp_path, f"--gin.INPUT_FILE='{bad}'"), "line 2")
-  one_line_error(infer(trained, tmp_path, task, "--gin.infer.max_decode_len=0"),
+  one_line_error(run_job("infer", *args, f"--gin.INPUT_FILE='{bad}'"), "line 2")
+  one_line_error(run_job("infer", *args, task, "--gin.infer.max_decode_len=0"),
                  "max_decode_len=0")
-  one_line_error(infer(trained, tmp_path, task, "--gin.TransformerConfig.emb_dim=64"),
+  one_line_error(run_job("infer", *args, task, "--gin.TransformerConfig.emb_dim=64"),
                  "shape", "model config")
-  one_line_error(infer(trained, tmp_path, task, "--gin.TransformerConfig.vocab_size=512"),
+  one_line_error(run_job("infer", *args, task, "--gin.TransformerConfig.vocab_size=512"),
                  "(512, 128)", "(384, 128)")
-  one_line_error(cli("eval", MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
-                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'"),
+  eval_args = [MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
+               f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'"]
+  one_line_error(run_job("eval", *eval_args, task.replace("ul2x_reverse", "ul2x_span_corruption")),
                  "no metric functions")
-  one_line_error(cli("eval", MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
-                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'", "--gin.evaluate.metrics=['bleu']"),
+  one_line_error(run_job("eval", *eval_args, task, "--gin.evaluate.metrics=['bleu']"),
                  "unknown metric(s) ['bleu']")
   assert not list(tmp_path.glob("*.jsonl"))
 
@@ -146,10 +145,10 @@ def test_fine_tuning_needs_an_assignment_map_for_new_parameters(trained, tmp_pat
   finetune = [*TRAIN[:1], "--gin_file=gin_configs/runs/finetune.gin", *TRAIN[2:5],
               f"--gin.INITIAL_CHECKPOINT_PATH='{trained}'", "--gin.TRAIN_STEPS=2",
               "--gin.train.log_every=1", "--gin.TransformerConfig.num_decoder_layers=3"]
-  result = cli("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'a'}'")
+  result = run_job("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'a'}'")
   one_line_error(result, "decoder/layers/2/", "train.init_assignment_map")
   assert not (tmp_path / "a" / "checkpoints").exists()
-  result = cli("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
+  result = run_job("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
                "--gin.train.init_assignment_map=[(r'decoder/layers/2/.*', None)]")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "kept as initialised" in result.stdout and "fine-tuning from" in result.stdout

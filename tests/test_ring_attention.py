@@ -107,9 +107,15 @@ CASES = ([("bidirectional", kind, zz) for kind in ("plain", "packed") for zz in 
          + [("causal_rope", kind, True) for kind in ("plain", "packed")])
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-@pytest.mark.parametrize("variant,kind,zigzag", CASES,
-                         ids=[f"{v}-{k}-{'zigzag' if z else 'contiguous'}" for v, k, z in CASES])
+# Every case on sequence=4 (with data=2); on 2 (with tensor=2) and 8 devices, the two
+# richest: the causal bias with packing and prefixes, and the bidirectional T5 bias.
+RING_CASES = ([(4, *case) for case in CASES]
+              + [(n, *case) for n in (2, 8) for case in (("causal", "packed_prefix", True),
+                                                         ("bidirectional", "packed", False))])
+
+
+@pytest.mark.parametrize("n,variant,kind,zigzag", RING_CASES, ids=[
+    f"{n}-{v}-{k}-{'zigzag' if z else 'contiguous'}" for n, v, k, z in RING_CASES])
 def test_matches_reference(n, variant, kind, zigzag):
   q, k, v, ct, table = _inputs()
   tok = _tokens(kind)
