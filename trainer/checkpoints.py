@@ -163,6 +163,7 @@ def restore(directory: str, step: int, abstract, shardings, data_stream=None):
   saved position. Raises DamagedCheckpointError (one line naming the step and the file)
   for a damaged checkpoint, IncompatibleCheckpointError for another model's or another
   data stream's."""
+  directory = os.path.abspath(directory)  # orbax reads absolute paths only
   where = os.path.join(directory, str(step))
   problem = integrity.damage(directory, step)
   if problem:

@@ -2,6 +2,8 @@
 run's params from the latest checkpoint of its dense twin (like T5X's
 `state_transformation_fns`, applied to what `trainer/checkpoints.py` finds)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -24,7 +26,7 @@ def _dense_params(path: str) -> dict:
     directory, step = checkpoints.find_checkpoint(path)
   except ValueError as e:
     raise ValueError(f"train.init_from_dense_checkpoint={e}") from None
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(os.path.abspath(directory))  # orbax reads absolute paths
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   finally:
