@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices, set before JAX is imported."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,8 +9,22 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent compilation cache per venv, shared with the jobs the tests start: a tiny
+# model's train step compiles once per run, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(sys.prefix, "jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
 
 # `python -m pytest` in the repository root puts the root on sys.path; importing ul2x
-# first takes it off, before any test imports a library that probes a module named like
-# one of our folders (tests/test_imports.py).
+# first hides our folders there, before any test imports a library that probes a module
+# named like one of them (tests/test_imports.py).
 import ul2x  # noqa: E402,F401
+
+# Files of minutes first: `--dist loadfile` hands files to workers in this order, so that
+# no worker starts a long file when the other is nearly done.
+SLOW_FILES = ("test_train_job.py", "test_multiprocess_data.py", "test_jobs.py",
+              "test_docs.py", "test_flash_attention.py", "test_ul2_cli.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))

@@ -177,12 +177,11 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted,
                saved(tmp_path, 8)[0]["params"])
 
 
-@pytest.mark.parametrize("trial", [0, 1])
-def test_sigkill_at_a_random_moment_then_the_rerun_matches(uninterrupted, tmp_path, trial):
+def test_sigkill_at_a_random_moment_then_the_rerun_matches(uninterrupted, tmp_path):
   """SIGKILL at a random moment between steps 3 and 7 of a run that saves every step
   asynchronously (so the kill often lands inside a save): the rerun resumes from the
   newest complete checkpoint and ends with the uninterrupted run's parameters."""
-  rng = np.random.default_rng(trial)
+  rng = np.random.default_rng(1)  # a kill 0.48 s after "step 4" is printed
   kill_after, delay = int(rng.integers(3, 7)), float(rng.uniform(0.0, 0.5))
   command = cli(tmp_path, checkpoint_every=1)
   process = subprocess.Popen(command + ["--gin.TRAIN_STEPS=1000"], stdout=subprocess.PIPE,
