@@ -113,6 +113,8 @@ def run_command(command: str, scratch: pathlib.Path, workdir: pathlib.Path) -> N
     result = run_job(job, *args, *TINY.get(job, []))
   finally:
     del sys.path[:len(path)]
+  if "unregistered operation" in result.stderr:  # docs/serving.md: jax 0.12 with TF 2.21
+    pytest.skip(f"TensorFlow cannot read this jax's StableHLO: {result.stderr.strip()}")
   assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
 
 

@@ -398,6 +398,7 @@ def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
     pytest.skip(compilers.missing(target))
   env = dict(os.environ, PYTHONPATH=str(folder), TPU_SKIP_MDS_QUERY="1",
              JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no TPU to lock
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # XLA compiles (and dumps PTX) every case
   gpu = kind.startswith("NVIDIA")
   if gpu:  # XLA writes the PTX it compiles to binaries: the kernels' entry points
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp_path}"
@@ -416,12 +417,8 @@ def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
       "model-moe-dropless-pallas-expert2-tensor2"]
   assert all(line["device_kind"] == kind for line in lines)
   assert all(line["kernels"] == 3 for line in lines[:-5])  # the flash cases, both models
-  if gpu:
-    ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
-    shutil.rmtree(tmp_path)  # XLA's dumps of every module and pass
-    assert {"flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq",
-            "grouped_matmul", "grouped_matmul_weight_grad"} <= set(
-                re.findall(r"\.entry (\w+)\(", ptx))
+  ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx")) if gpu else None
+  shutil.rmtree(tmp_path)  # XLA's dumps of every module and pass
   flash, _one_device, ring, ragged, pallas, *moe = lines[-7:]
   assert flash["all_gathers"] == 0
   assert ring["kernels"] >= 3  # the ring's steps run the flash kernels
@@ -429,6 +426,14 @@ def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
   assert ragged["dense_group_products"] >= 1 and ragged["dw_kernels"] == 0
   assert pallas["dw_kernels"] == 1 and pallas["dense_group_products"] == 0
   assert all(m["kernels"] >= 1 for m in moe)
+  if gpu and not ptx and lines[0]["code_bytes"] == 0:
+    pytest.skip(f"jax {jax.__version__}'s compile-only GPU compile generates no code (0 "
+                "bytes, no PTX dumped): the kernels' PTX entry points cannot be checked here; "
+                "everything above was")
+  if gpu:
+    assert {"flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq",
+            "grouped_matmul", "grouped_matmul_weight_grad"} <= set(
+                re.findall(r"\.entry (\w+)\(", ptx))
 
 
 COMPILED_CASES = {

@@ -41,6 +41,9 @@ def start(model_dir, steps: int, processes: int, *extra: str) -> list[subprocess
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+  # jax 0.12.1: processes of one job that find their programs in a persistent compilation
+  # cache hang (docs/development.md), so these compile afresh.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   command = [sys.executable, "-m", "ul2x.train", *FLAGS, f"--gin.MODEL_DIR='{model_dir}'",
              f"--gin.TRAIN_STEPS={steps}", *extra]
   if processes > 1:
