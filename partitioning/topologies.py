@@ -8,8 +8,6 @@ import contextlib
 import dataclasses
 import os
 
-import jax
-
 GIB = 2**30
 
 
@@ -128,6 +126,7 @@ def gpu_target(device_kind: str):
   though this host has none: jax >= 0.12 reads the GPU to lower for from the context's
   abstract mesh, not from the arrays' devices, and only falls back to the default device
   (here a CPU). An empty abstract mesh carries the device; older jax needs nothing."""
+  import jax
   if not hasattr(jax.sharding, "AbstractDevice"):
     yield
     return
