@@ -5,7 +5,6 @@ inside a scratch directory that is also the working directory, and `runs/quickst
 2-step run of the quick-start experiment. A block that cannot run here says why on the
 line above its fence: `<!-- not run by tests: REASON -->`."""
 
-import os
 import pathlib
 import re
 import shlex
