@@ -104,6 +104,14 @@ def compile_dropless_moe(devices, impl: str, mesh_axes: dict) -> dict:
 
 def main(topology: str):
   devices = topology_devices(topology)
+  if devices[0].platform == "gpu":
+    with gpu_target(devices[0].device_kind):
+      compile_all(topology, devices)
+  else:
+    compile_all(topology, devices)
+
+
+def compile_all(topology: str, devices):
   device = devices[0]
   for name, case in t.CASES.items():
     length = 1000  # padded: 2 tiles of the forward's default blocks, 4 of the backward's
@@ -133,8 +141,4 @@ def main(topology: str):
 
 
 if __name__ == "__main__":
-  if sys.argv[1].startswith(("a100", "h100", "h200")):
-    with gpu_target(topology_devices(sys.argv[1])[0].device_kind):
-      main(sys.argv[1])
-  else:
-    main(sys.argv[1])
+  main(sys.argv[1])

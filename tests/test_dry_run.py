@@ -152,10 +152,11 @@ def test_cli_dry_run_exits_1_when_it_does_not_fit_and_writes_nothing(tmp_path):
 
 
 CUDA_PLUGIN = compilers.compiler_folder("cuda_plugin")
+CUDA_PLUGIN_MISSING = compilers.missing("cuda_plugin")
 
 
-@pytest.mark.skipif(compilers.missing("cuda_plugin") is not None,
-                    reason=f"JAX's CUDA plugin: {compilers.missing('cuda_plugin')}")
+@pytest.mark.skipif(CUDA_PLUGIN_MISSING is not None,
+                    reason=f"JAX's CUDA plugin: {CUDA_PLUGIN_MISSING}")
 def test_cli_dry_run_for_gpus_this_host_lacks(tmp_path):
   """--dry_run_topology=h100:8 compiles with XLA's GPU compiler for 8 H100s described by
   their target config, and judges against what JAX lets a process use of an H100 (75% of

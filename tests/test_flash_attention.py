@@ -375,9 +375,9 @@ def test_gradients_of_replicated_inputs_are_summed_over_the_shards():
   np.testing.assert_array_equal(same, x)
 
 
-COMPILERS = {  # topology: (the compiler's folder, what `make` target installs it, device kind)
-    "v5e:2x2": (compilers.compiler_folder("libtpu"), "libtpu", "TPU v5 lite"),
-    "h200:4": (compilers.compiler_folder("cuda_plugin"), "cuda_plugin", "NVIDIA H200"),
+COMPILERS = {  # topology: (what `make` target installs its compiler, device kind)
+    "v5e:2x2": ("libtpu", "TPU v5 lite"),
+    "h200:4": ("cuda_plugin", "NVIDIA H200"),
 }
 
 
@@ -393,10 +393,10 @@ def test_kernels_compile_for_accelerators_this_host_lacks(topology, tmp_path):
   so does the dropless MoE layer with them in its shard_map, over data x expert and
   expert x tensor. And the model's flash path on one device, where nothing varies in
   its shard_map (the kernels' outputs must still carry the manual axes' type)."""
-  folder, target, kind = COMPILERS[topology]
-  if compilers.missing(target):
-    pytest.skip(compilers.missing(target))
-  env = dict(os.environ, PYTHONPATH=str(folder), TPU_SKIP_MDS_QUERY="1",
+  target, kind = COMPILERS[topology]
+  if reason := compilers.missing(target):
+    pytest.skip(reason)
+  env = dict(os.environ, PYTHONPATH=str(compilers.compiler_folder(target)), TPU_SKIP_MDS_QUERY="1",
              JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no TPU to lock
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # XLA compiles (and dumps PTX) every case
   gpu = kind.startswith("NVIDIA")
