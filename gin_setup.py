@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 
 import gin
@@ -164,13 +165,18 @@ def _stderr_silenced(silence: bool):
     os.close(devnull)
 
 
+# What gin appends to an error raised inside a configurable: nothing a user needs.
+GIN_CALL_NOTE = r" In call to configurable '[^']*' \(<[^>]*>\)"
+
+
 def run_cli(main, argv=None) -> None:
   """Runs `main(argv)`, turning configuration errors into one line and exit status 2."""
   argv = sys.argv[1:] if argv is None else argv
   try:
     main(argv)
   except (ConfigError, ValueError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    message = re.sub(GIN_CALL_NOTE, "", " ".join(str(e).split()))
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
   except Exception:
     from ul2x.partitioning import peers

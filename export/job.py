@@ -78,12 +78,15 @@ def export(*, checkpoint_path: str, export_dir: str,
   limit = files.parse_size(max_shard_size)
   family = mappings.family_for(model_config) if format == "hf" else None
   vocab = _vocabulary(tokenizer, model_config) if family and tokenizer else None
-  with files.staged_directory(export_dir, overwrite, "EXPORT_DIR",
-                              "--gin.export.overwrite=True") as staging:
+  target = (export_dir, overwrite, "EXPORT_DIR", "--gin.export.overwrite=True")
+  files.check_target(*target)
+  # Restored before anything is created: a wrong model or a damaged checkpoint leaves
+  # no directory behind, not even EXPORT_DIR's parent.
+  job = setup(model_config, mesh=mesh)
+  state = job.restore_state(checkpoint_path, step)
+  with files.staged_directory(*target) as staging:
     if vocab is not None:
       tokenizer_files.write_tokenizer(staging, vocab)
-    job = setup(model_config, mesh=mesh)
-    state = job.restore_state(checkpoint_path, step)
     if format == "serving":
       from ul2x.export import serving  # jax.export and TensorFlow: only for this format
       written = serving.export_serving(job, state["params"], staging, **serving_options)

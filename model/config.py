@@ -1,6 +1,7 @@
 """Transformer hyper-parameters shared by the encoder-decoder and decoder-only models."""
 
 import dataclasses
+import math
 
 import gin
 import jax
@@ -18,6 +19,23 @@ REMAT_POLICIES = {
     "none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable":
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def check_range(name: str, value, low=None, high=None, *, low_open: bool = False,
+                high_open: bool = False, integer: bool = False) -> None:
+  """Raises one line naming the gin parameter `name`, its `value` and the valid range
+  unless `value` is a finite number (an integer if `integer`) within [low, high]
+  (each end open if `low_open` / `high_open`; None: unbounded)."""
+  number = isinstance(value, int) if integer else isinstance(value, (int, float))
+  inside = (number and not isinstance(value, bool) and math.isfinite(value)
+            and (low is None or value > low or (value == low and not low_open))
+            and (high is None or value < high or (value == high and not high_open)))
+  if not inside:
+    kind = "an integer" if integer else "a number"
+    span = (f"{'(' if low_open or low is None else '['}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}")
+    raise ValueError(f"{name}={value!r} must be {kind} in {span}; set --gin.{name} to "
+                     "one in that range.")
 
 
 @gin.configurable
@@ -77,6 +95,9 @@ class TransformerConfig:
         raise ValueError(
             f"TransformerConfig.{name}={value!r} is not one of {allowed}; "
             f"set --gin.TransformerConfig.{name} to one of them.")
+    check_range("TransformerConfig.dropout_rate", self.dropout_rate, 0, 1, high_open=True)
+    check_range("TransformerConfig.rope_max_wavelength", self.rope_max_wavelength, 0,
+                low_open=True)
     if self.position == "rope" and self.architecture != "decoder_only":
       raise ValueError(
           "TransformerConfig.position='rope' is supported for decoder_only models; "
@@ -106,8 +127,9 @@ class TransformerConfig:
             f"TransformerConfig.{name}={layers} is not a multiple of moe_layer_interval="
             f"{self.moe_layer_interval} (the last of every {self.moe_layer_interval} layers "
             "is MoE); change --gin.TransformerConfig.moe_layer_interval or the depth.")
-    if self.group_size < 1:
-      raise ValueError(f"TransformerConfig.group_size={self.group_size} must be positive.")
+    check_range("TransformerConfig.group_size", self.group_size, 1, integer=True)
+    check_range("TransformerConfig.capacity_factor", self.capacity_factor, 0, low_open=True)
+    check_range("TransformerConfig.router_jitter", self.router_jitter, 0, 1, high_open=True)
     if self.moe_dispatch != "dropless":  # dropless has no capacity
       expert_capacity(self.group_size, self.num_experts, self.capacity_factor)
     elif self.architecture == "encoder_decoder" and self.encoder_router == "expert_choice":

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import sys
 import threading
 
@@ -55,9 +56,84 @@ def create_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, sequence: int = 
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape_for(dict(data=data, fsdp=fsdp, expert=expert, sequence=sequence,
                               tensor=tensor), len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  try:
+    return _lay_out(sizes, devices)
+  except (NotImplementedError, ValueError) as error:
+    fits = _sizes_that_fit(sizes, devices)
+    if not fits:  # no axis size is to blame (e.g. devices of several slices)
+      raise
+    raise _unlaid_mesh_error(sizes, devices, fits, str(error)) from error
+
+
+def _lay_out(sizes: dict[str, int], devices) -> Mesh:
+  """`jax.make_mesh` over `devices`: on a TPU it gives each axis whole physical
+  dimensions (NotImplementedError where an axis's size is no product of some of them)."""
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _factorizations(total: int, count: int):
+  """Every tuple of `count` positive ints whose product is `total`."""
+  if count == 1:
+    yield (total,)
+    return
+  for first in range(1, total + 1):
+    if total % first == 0:
+      for rest in _factorizations(total // first, count - 1):
+        yield (first, *rest)
+
+
+def _sizes_that_fit(sizes: dict[str, int], devices, limit: int = 4) -> list[dict[str, int]]:
+  """Up to `limit` other sizes of the axes over 1 in `sizes` (same product, the other
+  axes kept) that `jax.make_mesh` lays onto `devices`, the closest to `sizes` first."""
+  varied = [a for a in MESH_AXES if sizes[a] > 1]
+  total = math.prod(sizes[a] for a in varied)
+
+  def distance(candidate):  # factors of 2 moved, then axes dropped to 1
+    return (sum(abs(math.log2(n / sizes[a])) for a, n in zip(varied, candidate)),
+            sum(n == 1 for n in candidate))
+
+  found = []
+  for candidate in sorted(_factorizations(total, len(varied)), key=distance):
+    other = {**sizes, **dict(zip(varied, candidate))}
+    if other == sizes:
+      continue
+    try:
+      _lay_out(other, devices)
+    except (NotImplementedError, ValueError):
+      continue
+    found.append(other)
+    if len(found) == limit:
+      break
+  return found
+
+
+def _physical_shape(devices) -> str:
+  """'4x4x4' for TPU chips whose coordinates fill a 4x4x4 box (with the cores per chip
+  last where a chip shows several); else the device count."""
+  coords = [getattr(d, "coords", None) for d in devices]
+  if any(c is None for c in coords):
+    return f"of {len(devices)} devices"
+  dims = [max(c[i] for c in coords) - min(c[i] for c in coords) + 1
+          for i in range(len(coords[0]))]
+  cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+  return "x".join(str(n) for n in dims + ([cores] if cores > 1 else []))
+
+
+def _unlaid_mesh_error(sizes: dict[str, int], devices, fits: list[dict[str, int]],
+                       cause: str) -> MeshError:
+  """One line for a mesh `jax.make_mesh` cannot lay onto `devices` (its message
+  `cause`): the axis, the physical mesh and the sizes that fit."""
+  show = lambda s: " ".join(f"{a}={s[a]}" for a in MESH_AXES if s[a] > 1 or sizes[a] > 1)
+  axis = re.search(r"logical_axis_index (\d+) of size (\d+)", cause)
+  what = (f"axis '{MESH_AXES[int(axis[1])]}' of size {axis[2]}" if axis
+          else f"mesh {show(sizes)}")
+  fix = " ".join(f"--gin.create_mesh.{a}={n}" for a, n in fits[0].items() if n != sizes[a])
+  return MeshError(
+      f"create_mesh: {what} cannot be laid onto the {devices[0].platform.upper()}'s "
+      f"physical mesh {_physical_shape(devices)} (jax.make_mesh gives each mesh axis whole "
+      "physical dimensions, so each size must be a product of some of them); sizes that "
+      f"fit: {', '.join(show(s) for s in fits)}; set e.g. {fix}.")
 
 
 def _exit_after(seconds: float, message: str) -> threading.Timer:

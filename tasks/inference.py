@@ -52,15 +52,14 @@ def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int]
   ids decoded (`decode`, so a mode token shows as e.g. `[S2S]`).
   """
   task = _task(name)
-  if split not in task.splits:
-    raise ValueError(f"task {name!r} has no split {split!r}; its splits are "
-                     f"{sorted(task.splits)}.")
+  pipeline.check_split(task, split)
   pipeline.check_feature_lengths(task, task_feature_lengths)
-  ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split, shuffle=False,
-                        num_epochs=1, use_cached=False)
-  if num_examples is not None:
-    ds = ds.take(num_examples)
-  return [_with_texts(ex, task.output_features) for ex in ds.as_numpy_iterator()]
+  with pipeline.reading(task, split):
+    ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split,
+                          shuffle=False, num_epochs=1, use_cached=False)
+    if num_examples is not None:
+      ds = ds.take(num_examples)
+    return [_with_texts(ex, task.output_features) for ex in ds.as_numpy_iterator()]
 
 
 def _with_texts(ex: Mapping[str, Any], features: Mapping[str, seqio.Feature]) -> Example:

@@ -1,7 +1,9 @@
 """The trainer's input: per-host, packed, batched int32 features from a seqio task or mixture."""
 
 from collections.abc import Mapping
+import contextlib
 import functools
+import re
 
 import tensorflow as tf
 
@@ -63,6 +65,47 @@ def check_feature_lengths(provider: seqio.DatasetProviderBase,
         f"{features} of {provider.name!r}; give one length per feature, e.g. {example}.")
 
 
+def tf_reason(error: tf.errors.OpError) -> str:
+  """TF's message, first line, without the op wrapping around it:
+  '/x/missing.txt; No such file or directory'."""
+  line = error.message.splitlines()[0] if error.message else type(error).__name__
+  line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
+  return re.sub(r"\s*\[Op:\w+\].*$", "", line)
+
+
+def check_split(task: seqio.Task, split: str) -> None:
+  """Raises unless `task` has `split` and, for a file source (`seqio.FileDataSource`:
+  TextLineDataSource, TFExampleDataSource, ...), each of the split's file patterns
+  matches a file. Otherwise a missing file stops the job at its first read."""
+  if split not in task.splits:
+    raise ValueError(f"task {task.name!r} has no split {split!r}; its splits are "
+                     f"{sorted(task.splits)}: add it to the source or pick another split.")
+  if not isinstance(task.source, seqio.FileDataSource):
+    return
+  patterns = task.source._split_to_filepattern[split]  # seqio keeps them only there
+  for pattern in [patterns] if isinstance(patterns, str) else patterns:
+    where = f"task {task.name!r} split {split!r} reads {pattern!r}"
+    try:
+      found = tf.io.gfile.glob(pattern)
+    except tf.errors.OpError as e:
+      raise ValueError(f"{where}, which cannot be listed ({tf_reason(e)}); check the path "
+                       "in the task's data source.") from None
+    if not found:
+      raise ValueError(f"{where}, which matches no file; check the path in the task's "
+                       "data source.")
+
+
+@contextlib.contextmanager
+def reading(task: seqio.Task, split: str):
+  """Turns TF's NotFoundError while reading `task`'s `split` (a file gone since
+  `check_split`, a broken link) into one line naming the task."""
+  try:
+    yield
+  except tf.errors.NotFoundError as e:
+    raise ValueError(f"task {task.name!r} split {split!r} cannot read its data "
+                     f"({tf_reason(e)}); check the path in the task's data source.") from None
+
+
 def _with_segment_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   """Adds the packed layout's `*_segment_ids` and `*_positions` to an unpacked batch
   (model/contract.py's `unpacked_segments_positions`), so the model sees the same
@@ -82,15 +125,15 @@ def _count_examples(dataset: tf.data.Dataset, limit: int = 1_000_000) -> int:
 @functools.lru_cache(maxsize=256)
 def _check_task_not_empty(task: seqio.Task, task_feature_lengths: tuple[tuple[str, int], ...],
                           split: str, shard_index: int, num_shards: int) -> None:
-  """Raises if `task` yields no example in this shard (checked once per process)."""
-  if split not in task.splits:
-    raise ValueError(f"task {task.name!r} has no split {split!r}; its splits are "
-                     f"{sorted(task.splits)}: add it to the source or pick another split.")
+  """Raises if `task` lacks `split` or its files, or yields no example in this shard
+  (checked once per process)."""
+  check_split(task, split)
   lengths = dict(task_feature_lengths)
-  probe = task.get_dataset(lengths, split=split, use_cached=False, shuffle=False,
-                           shard_info=seqio.ShardInfo(shard_index, num_shards), num_epochs=1)
-  if any(True for _ in probe.take(1)):
-    return
+  with reading(task, split):
+    probe = task.get_dataset(lengths, split=split, use_cached=False, shuffle=False,
+                             shard_info=seqio.ShardInfo(shard_index, num_shards), num_epochs=1)
+    if any(True for _ in probe.take(1)):
+      return
   where = f"task {task.name!r} split {split!r} shard {shard_index} of {num_shards}"
   num_source = _count_examples(task.source.get_dataset(split=split, shuffle=False))
   if num_source == 0:

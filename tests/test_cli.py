@@ -2,9 +2,11 @@
 config errors (in this process, as the command runs them)."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -43,11 +45,29 @@ def test_cli_trains_and_writes_model_dir(tmp_path):
     (BASE + ["--gin.train.no_such_setting=1"], "no_such_setting"),
     (BASE + ["--gin.create_mesh.data=3"], "has 3 devices but there are 8"),
     (BASE + ["--no_such_flag=1"], "unknown flag"),
-    (BASE + ["--gin.TRAIN_STEPS='abc'"], "train.train_steps='abc' is not an integer"),
+    (BASE + ["--gin.TRAIN_STEPS='abc'"], "train.train_steps='abc' must be an integer"),
     (BASE + ["--gin.TRAIN_STEPS=abc"], "Failed to parse token 'abc'"),
     (BASE + ["--gin.MIXTURE_OR_TASK_NAME='nope'"], "unknown seqio task or mixture 'nope'"),
+    (BASE + ["--gin.learning_rate_schedule.learning_rate=-0.01"],
+     "learning_rate_schedule.learning_rate=-0.01 must be a number in (0, 3.4"),
+    (BASE + ["--gin.learning_rate_schedule.learning_rate=0"], "learning_rate=0 must be"),
+    (BASE + ["--gin.learning_rate_schedule.learning_rate=1e39"], "learning_rate=1e+39 must"),
+    (BASE + ["--gin.learning_rate_schedule.warmup_steps=-5"],
+     "warmup_steps=-5 must be an integer in [0, inf)"),
+    (BASE + ["--gin.create_optimizer.grad_clip_norm=0"],
+     "grad_clip_norm=0 must be a number in (0, inf)"),
+    (BASE + ["--gin.create_optimizer.weight_decay=-1e-4"], "weight_decay=-0.0001 must"),
+    (BASE + ["--gin.train.z_loss=-1"], "train.z_loss=-1 must be a number in [0, inf)"),
+    (BASE + ["--gin.train.num_microbatches=0"],
+     "train.num_microbatches=0 must be an integer in [1"),
+    (BASE + ["--gin.TransformerConfig.dropout_rate=1.0"],
+     "TransformerConfig.dropout_rate=1.0 must be a number in [0, 1)"),
+    (BASE + ["--gin.TransformerConfig.num_experts=2",
+             "--gin.TransformerConfig.capacity_factor=-1.0"],
+     "TransformerConfig.capacity_factor=-1.0 must be a number in (0, inf)"),
 ], ids=["missing_macro", "unknown_binding", "mesh_mismatch", "unknown_flag", "steps_string",
-        "steps_syntax", "unknown_task"])
+        "steps_syntax", "unknown_task", "lr_negative", "lr_zero", "lr_overflow", "warmup",
+        "clip", "weight_decay", "z_loss", "microbatches", "dropout", "capacity"])
 def test_config_errors_are_one_line(args, expected, tmp_path):
   model_dir = tmp_path / "run"
   one_line_error(run_job("train", *args, f"--gin.MODEL_DIR='{model_dir}'"), expected)
@@ -71,3 +91,53 @@ def test_a_process_that_never_joins_is_one_line_within_the_timeout(index, tmp_pa
                      "--distributed_timeout=3")
   one_line_error(result, f"process {index} of 2", f"127.0.0.1:{port}")
   assert time.monotonic() - start < 60
+
+
+# A user's task module (docs/data.md): a mixture of a task over text files that are there
+# and one whose `train` or `validation` files are not.
+MISSING_TASKS = textwrap.dedent('''\
+    import seqio  # after NAME, TEXT, BAD, set by the test
+    from ul2x.tasks import preprocessors, registry
+
+    for task, files in ((f"{NAME}_good", {"train": TEXT, "validation": TEXT}),
+                        (f"{NAME}_bad", BAD)):
+      registry.register_denoising_task(task, seqio.TextLineDataSource(files),
+                                       preprocessors.prefix_lm)
+    seqio.MixtureRegistry.add(f"{NAME}_mix", [f"{NAME}_good", f"{NAME}_bad"], default_rate=1.0)
+''')
+
+
+@pytest.mark.parametrize("case", ["train", "validation", "broken_link"])
+def test_missing_data_file_is_one_line_before_model_dir(case, tmp_path, monkeypatch):
+  """A file the task reads that is not there (the train split, the eval split, a link
+  to nothing that a glob matches) stops train at start-up with one line naming the
+  path and the member task, and nothing is written; eval and infer read tasks the same
+  way (inference.task_examples)."""
+  from ul2x.tasks import inference
+  text = tmp_path / "text.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+  missing = tmp_path / "no_such_dir" / "missing.txt"
+  (tmp_path / "link-00.txt").symlink_to(missing)
+  bad = {"train": str(missing if case == "train" else text),
+         "validation": str(missing if case == "validation" else text)}
+  split = "validation" if case == "validation" else "train"
+  if case == "broken_link":
+    bad["train"] = str(tmp_path / "link-*.txt")
+  name = f"cli_missing_{case}"
+  (tmp_path / f"{name}.py").write_text(
+      f"NAME, TEXT, BAD = {name!r}, {str(text)!r}, {bad!r}\n" + MISSING_TASKS)
+  (tmp_path / f"{name}.gin").write_text(f"import {name}\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  model_dir = tmp_path / "run"
+  args = [a for a in BASE if "MIXTURE_OR_TASK_NAME" not in a]
+  result = run_job("train", *args, f"--gin_file={tmp_path / name}.gin",
+                   f"--gin.MIXTURE_OR_TASK_NAME='{name}_mix'", f"--gin.MODEL_DIR='{model_dir}'")
+  where = f"task '{name}_bad' split '{split}'"
+  if case == "broken_link":
+    expected = [where, f"cannot read its data ({tmp_path}/link-00.txt; No such file"]
+  else:
+    expected = [f"{where} reads '{missing}', which matches no file; check the path"]
+  one_line_error(result, *expected)
+  assert not model_dir.exists()
+  with pytest.raises(ValueError, match=re.escape(expected[-1])):
+    inference.task_examples(f"{name}_bad", split, {"inputs": 32, "targets": 16})

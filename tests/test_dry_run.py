@@ -1,7 +1,9 @@
 """The train job's dry run: its bytes per device against the real state's shards and
 XLA's count, the fit verdict, and the CLI's exit status with nothing written."""
 
+import dataclasses
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from ul2x.trainer import dry_run, loop
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 import compilers
+from cli_utils import one_line_error, run_job
 from train_utils import TINY
 
 LENGTHS = {"inputs": 16, "targets": 8}
@@ -192,3 +195,63 @@ def test_compile_only_gpus_get_the_memory_jax_would_let_a_process_use(monkeypatc
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   assert topologies.device_memory_bytes(h200.kind) == int(0.9 * h200.memory_bytes)
   assert topologies.device_memory_bytes("cpu") is None
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpuChip:
+  """What jax.make_mesh reads of a TPU device: enough to lay out a mesh without libtpu."""
+  id: int
+  coords: tuple[int, int, int]
+  core_on_chip: int = 0
+  platform: str = "tpu"
+  device_kind: str = "TPU v5"  # a v5p chip, as libtpu names it
+  slice_index: int = 0
+
+
+V5P_4X4X4 = topologies.TopologyDevices(
+    FakeTpuChip(i, (x, y, z)) for i, (z, y, x) in enumerate(itertools.product(range(4), repeat=3)))
+SIZES_THAT_FIT = "sizes that fit: data=4 fsdp=16, data=1 fsdp=64, data=16 fsdp=4, data=64 fsdp=1;"
+
+
+def test_a_mesh_the_tpu_slice_cannot_lay_out_names_sizes_that_fit(tmp_path, monkeypatch):
+  """jax.make_mesh gives each mesh axis whole physical dimensions of a v5p slice: fsdp=32
+  is no product of 4, 4 and 4. The job stops at start-up with one line naming the axis
+  and the sizes that do fit, each of which builds."""
+  monkeypatch.setattr(topologies, "topology_devices", lambda name: V5P_4X4X4)
+  result = run_job(
+      "train", "--gin_file=gin_configs/models/tiny.gin",
+      "--gin_file=gin_configs/runs/pretrain.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+      "--gin.TRAIN_STEPS=10", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+      "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=32", "--dry_run",
+      "--dry_run_topology=v5p:4x4x4")
+  one_line_error(result, "create_mesh: axis 'fsdp' of size 32 cannot be laid onto the TPU's "
+                 "physical mesh 4x4x4 (jax.make_mesh gives each mesh axis whole physical "
+                 "dimensions", SIZES_THAT_FIT,
+                 "set e.g. --gin.create_mesh.data=4 --gin.create_mesh.fsdp=16.")
+  assert not (tmp_path / "run").exists()
+  for data in (4, 1, 16, 64):
+    mesh = partitioning.create_mesh(data=data, fsdp=64 // data, devices=V5P_4X4X4)
+    assert mesh.shape["fsdp"] == 64 // data
+  with pytest.raises(partitioning.MeshError, match=r"axis 'tensor' of size 8 .* sizes that "
+                     r"fit: data=4 fsdp=4 tensor=4, "):
+    partitioning.create_mesh(data=2, fsdp=4, tensor=8, devices=V5P_4X4X4)
+  # Where no sizes fit (jax.make_mesh takes one slice only), JAX's own error stands.
+  two_slices = [dataclasses.replace(d, slice_index=d.coords[0] // 2) for d in V5P_4X4X4]
+  with pytest.raises(ValueError, match="does not support multi-slice topologies"):
+    partitioning.create_mesh(data=4, fsdp=16, devices=two_slices)
+
+
+LIBTPU_MISSING = compilers.missing("libtpu")
+
+
+@pytest.mark.skipif(LIBTPU_MISSING is not None, reason=f"the TPU compiler: {LIBTPU_MISSING}")
+def test_cli_dry_run_for_a_tpu_slice_names_mesh_sizes_that_fit(tmp_path):
+  """The real compile-only v5p 4x4x4 devices (libtpu), as the user's command sees them."""
+  result = _cli_dry_run(tmp_path / "run", "--gin.create_mesh.data=2",
+                        "--gin.create_mesh.fsdp=32", "--gin.create_mesh.tensor=1",
+                        "--dry_run_topology=v5p:4x4x4",
+                        PYTHONPATH=str(compilers.compiler_folder("libtpu")))
+  one_line_error(result, "create_mesh: axis 'fsdp' of size 32 cannot be laid onto the TPU's "
+                 "physical mesh 4x4x4 ", SIZES_THAT_FIT)
+  assert not (tmp_path / "run").exists()

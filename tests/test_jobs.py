@@ -4,6 +4,7 @@ every checkpoint with `ul2x.eval`, fine-tune from it, and each bad input's one l
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,3 +156,82 @@ def test_fine_tuning_needs_an_assignment_map_for_new_parameters(trained, tmp_pat
   first = next(line for line in result.stdout.splitlines() if line.startswith("step 1/2"))
   # Chance is ln(384) = 5.95; a fresh model starts there, a pretrained one far below.
   assert float(first.split("loss ")[1].split()[0]) < 3.0, first
+
+
+def _copy_run(trained, path, task: str | None = None, extra_config: str = ""):
+  """A MODEL_DIR holding a copy of `trained`'s last checkpoint and its config.gin, with
+  MIXTURE_OR_TASK_NAME replaced by `task` and `extra_config` appended."""
+  shutil.copytree(trained / "checkpoints" / str(STEPS), path / "checkpoints" / str(STEPS))
+  config = (trained / "config.gin").read_text()
+  if task:
+    config = config.replace("MIXTURE_OR_TASK_NAME = 'ul2x_reverse'",
+                            f"MIXTURE_OR_TASK_NAME = '{task}'")
+  (path / "config.gin").write_text(config + extra_config)
+  return path
+
+
+def _truncate_largest_file(step_dir):
+  files = [os.path.join(root, n) for root, _, names in os.walk(step_dir) for n in names]
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)
+
+
+def test_a_refused_checkpoint_leaves_no_output(trained, tmp_path):
+  """Eval, infer and export restore the checkpoint before they create anything."""
+  task = "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"
+  wrong = ("--gin.TransformerConfig.emb_dim=64",)
+  damaged = _copy_run(trained, tmp_path / "damaged")
+  _truncate_largest_file(damaged / "checkpoints" / str(STEPS))
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("abcd\n")
+  for checkpoint, extra, reason in ((trained, wrong, "shape"), (damaged, (), "is damaged")):
+    out = tmp_path / "out"
+    eval_args = [MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS, task,
+                 f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.EVAL_OUTPUT_DIR='{out}'"]
+    one_line_error(run_job("eval", *eval_args, *extra), reason)
+    assert not out.exists()
+    for inputs in (task, f"--gin.INPUT_FILE='{prompts}'"):
+      one_line_error(run_job("infer", *infer_args(checkpoint, out), inputs, *extra), reason)
+      assert not out.exists()
+    one_line_error(run_job("export", MODEL, "--gin_file=gin_configs/runs/export.gin",
+                           f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+                           f"--gin.EXPORT_DIR='{out / 'hf'}'",
+                           "--gin.export.format='safetensors'", *extra), reason)
+    assert not out.exists()
+
+
+def test_infer_on_a_file_leads_with_the_trained_tasks_mode_token(trained, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("abcd\nhij\n")
+
+  def run(checkpoint, out, *args):
+    result = run_job("infer", *infer_args(checkpoint, tmp_path / out),
+                     f"--gin.INPUT_FILE='{prompts}'", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, rows(tmp_path / out / f"prompts-predict-{STEPS}.jsonl")
+
+  said = "infer: prompts get the mode token '[S2S]' of 'ul2x_reverse'"
+  stdout, auto = run(trained, "auto")  # ul2x_reverse leads its inputs with [S2S]
+  assert said in stdout and [r["prediction"] for r in auto] == ["dcba", "jih"]
+  stdout, none = run(trained, "none", "--gin.infer.mode_token=None")  # an explicit None wins
+  assert "infer: prompts get" not in stdout
+  assert all(abs(n["score"] - a["score"]) > 1e-3 for n, a in zip(none, auto))
+
+  # A run whose task led with no mode token: prompts get none, as before, silently.
+  plain = _copy_run(trained, tmp_path / "plain", "ul2x_span_corruption")
+  stdout, untold = run(plain, "plain")
+  assert "infer:" not in stdout and untold == none
+  # A mixture of tasks with different mode tokens: none, and a line saying so.
+  mixture = _copy_run(trained, tmp_path / "mixture", "ul2x_ul2")
+  stdout, mixed = run(mixture, "mixture")
+  assert "'ul2x_ul2', which the checkpoint was trained on, leads its inputs with [NLG], " \
+      "[NLU], [S2S]" in stdout and mixed == none
+  # A task that chose its mode token in gin and is not registered here: refused, not
+  # guessed.
+  unknown = _copy_run(trained, tmp_path / "unknown", "my_qa",
+                      "prepend_mode_token.mode_token = '[NLU]'\n")
+  result = run_job("infer", *infer_args(unknown, tmp_path / "refused"),
+                   f"--gin.INPUT_FILE='{prompts}'")
+  one_line_error(result, "'my_qa' is not registered here",
+                 "--gin.infer.mode_token=\"'[NLU]'\"")
+  assert not (tmp_path / "refused").exists()

@@ -16,8 +16,10 @@ import pytest
 import ul2x.tasks  # noqa: F401  registers the default tasks
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import training_flops_per_example
-from ul2x.trainer import loop
+from ul2x.trainer import integrity, loop
 from ul2x.trainer.loop import train
+
+from cli_utils import one_line_error, run_job
 
 CFG = TransformerConfig(emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
                         num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1)
@@ -137,6 +139,24 @@ def test_nonfinite_steps_can_be_skipped(tmp_path, huge_learning_rate):
   assert finite(saved(tmp_path, 4)[0]["params"])
 
 
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_parameters_are_never_saved(mode, tmp_path):
+  """A rate of 3e38 (finite in float32) keeps step 1's loss and gradients finite but
+  overflows the updated parameters: 'stop' ends before the first save, 'skip' saves
+  only finite steps (the issue's command, which saved a checkpoint of inf as good)."""
+  flags = [f for f in cli(tmp_path, checkpoint_every=1)[3:] if "TransformerConfig" not in f]
+  flags += ["--gin.TRAIN_STEPS=2", "--gin.learning_rate_schedule.learning_rate=3e38",
+      "--gin.learning_rate_schedule.warmup_steps=1", f"--gin.train.on_nonfinite='{mode}'"]
+  result = run_job("train", *flags)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  if mode == "stop":
+    one_line_error(result, "updated parameters became non-finite between steps 1 and 1")
+    assert steps == []
+  else:
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert steps == [1, 2] and all(finite(saved(tmp_path, s)[0]) for s in steps)
+
+
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
            JAX_PLATFORMS="cpu")
 
@@ -152,6 +172,35 @@ def cli(model_dir, checkpoint_every: int) -> list:
       emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64, num_encoder_layers=1,
       num_decoder_layers=1, dropout_rate=0.1).items()]
   return [sys.executable, "-m", "ul2x.train", *flags]
+
+
+# `python -m ul2x.train` whose input reader gets stuck before the third batch.
+STUCK_READER = """import sys, time
+from ul2x import gin_setup, train
+from ul2x.trainer import data
+read = data.DataStream.__next__
+batches = []
+def stuck_reader(stream):
+  batches.append(1)
+  if len(batches) == 3:
+    time.sleep(600)
+  return read(stream)
+data.DataStream.__next__ = stuck_reader
+gin_setup.run_cli(train.main)
+"""
+
+
+def test_a_hung_step_writes_every_stack_and_exits(tmp_path):
+  command = [sys.executable, "-c", STUCK_READER, *cli(tmp_path, checkpoint_every=1)[3:],
+             "--gin.TRAIN_STEPS=5", "--gin.train.step_timeout_s=3"]
+  result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+  hang = tmp_path / "hang-0.txt"
+  assert result.returncode == 3, result.stderr[-2000:]
+  assert (f"error: no step finished within 3 s after step 2 (train.step_timeout_s); every "
+          f"thread's stack is in {hang}") in result.stderr
+  stacks = hang.read_text()
+  assert "in stuck_reader" in stacks and stacks.count("Thread 0x") >= 2, stacks
+  assert "1" in os.listdir(tmp_path / "checkpoints")  # the step-2 save waited for step 1's
 
 
 def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -202,22 +251,42 @@ def test_sigkill_at_a_random_moment_then_the_rerun_matches(uninterrupted, tmp_pa
                saved(tmp_path, 8)[0]["params"])
 
 
-def _truncate_largest_file(step_dir):
+def _damage_largest_file(step_dir, garble: bool = False):
+  """Truncates the step's largest file to 100 bytes, or (`garble`) overwrites it with
+  random bytes of the same size; -> its name relative to `step_dir`."""
   files = [os.path.join(root, n) for root, _, names in os.walk(step_dir) for n in names]
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
-    f.truncate(100)
+    if garble:
+      f.write(os.urandom(os.path.getsize(largest)))
+    else:
+      f.truncate(100)
   return os.path.relpath(largest, step_dir)
 
 
 def test_damaged_checkpoint_is_named_then_skipped(uninterrupted, tmp_path):
-  run(tmp_path, 6, checkpoint_every=2, keep_checkpoints=3)
-  name = _truncate_largest_file(tmp_path / "checkpoints" / "6")
-  with pytest.raises(ValueError, match=rf"checkpoint {tmp_path}/checkpoints/6 is damaged: "
-                                       rf"file {name} has 100 bytes, not the \d+ saved"):
+  """Truncated (6), garbled with sizes kept (5: the checksum names the file) and garbled
+  before its manifest was written (4: orbax's own error, in one line): train names the
+  newest, or falls back through the command line to the newest intact step (3) and
+  ends as if never damaged."""
+  run(tmp_path, 6, checkpoint_every=1, keep_checkpoints=4)
+  steps_dir = tmp_path / "checkpoints"
+  truncated = _damage_largest_file(steps_dir / "6")
+  garbled = _damage_largest_file(steps_dir / "5", garble=True)
+  (steps_dir / "4" / integrity.MANIFEST).unlink()  # as if killed before writing it
+  _damage_largest_file(steps_dir / "4", garble=True)
+  with pytest.raises(ValueError, match=rf"checkpoint {steps_dir}/6 is damaged: "
+                                       rf"file {truncated} has 100 bytes, not the \d+ saved"):
     run(tmp_path, 8, fallback_to_intact_checkpoint=False)
-  (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
-  run(tmp_path, 8, checkpoint_every=2, keep_checkpoints=3)  # falls back to step 2
-  assert {"4.damaged", "6.damaged", "8"} <= set(os.listdir(tmp_path / "checkpoints"))
+  result = run_job("train", *cli(tmp_path, checkpoint_every=2)[3:], "--gin.TRAIN_STEPS=8",
+                   "--gin.train.keep_checkpoints=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+  expected = [f"checkpoint {steps_dir}/6 is damaged: file {truncated} has 100 bytes",
+              f"checkpoint {steps_dir}/5 is damaged: file {garbled} does not match its checksum",
+              f"checkpoint {steps_dir}/4 cannot be read: "]
+  assert len(warnings) == 3 and all(e in w for e, w in zip(expected, warnings)), warnings
+  assert f"resumed from {steps_dir} at step 3" in result.stdout
+  assert {"4.damaged", "5.damaged", "6.damaged", "8"} <= set(os.listdir(steps_dir))
   jax.tree.map(np.testing.assert_array_equal, saved(uninterrupted[0], 8)[0]["params"],
                saved(tmp_path, 8)[0]["params"])

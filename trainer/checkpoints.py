@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state plus the input pipeline's position, and the one
 restore path (any subset of the state, checked against what is stored) every job uses."""
 
+import concurrent.futures
 import dataclasses
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -66,6 +68,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manifests = concurrent.futures.ThreadPoolExecutor(1, "ul2x-manifests")
+    self._pending = []
+
+  def _record(self):
+    """Writes the manifests of the finished checkpoints on the manifest thread."""
+    self._pending.append(self._manifests.submit(
+        integrity.write_manifests, self.directory, self.manager.all_steps()))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -78,7 +87,7 @@ class Checkpointer:
     """Saves every `every` steps and at the final step; True if a save started."""
     if not self.due(step, final):
       return False
-    integrity.write_manifests(self.directory, self.manager.all_steps())
+    self._record()
     items = dict(state=ocp.args.StandardSave(state),
                  data=ocp.args.JsonSave(dict(data_position)))  # a copy: async saves
     if data_stream is not None:                                # serialize it later
@@ -86,13 +95,19 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self):
-    """Waits for async saves, then records the finished checkpoints' files."""
+    """Waits for async saves, then for the manifests of every finished checkpoint."""
     self.manager.wait_until_finished()
-    integrity.write_manifests(self.directory, self.manager.all_steps())
+    self._record()
+    pending, self._pending = self._pending, []
+    for future in pending:
+      future.result()
 
   def close(self):
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manifests.shutdown()
+      self.manager.close()
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -161,8 +176,9 @@ def restore(directory: str, step: int, abstract, shardings, data_stream=None):
   ShapeDtypeStructs like the state, e.g. {'step', 'params'}), placed by `shardings`;
   the saved data position). A `data_stream` (trainer.data.DataStream) is moved to the
   saved position. Raises DamagedCheckpointError (one line naming the step and the file)
-  for a damaged checkpoint, IncompatibleCheckpointError for another model's or another
-  data stream's."""
+  for a damaged checkpoint: a file that differs from its manifest, or any failure to
+  read a step whose bytes no checksum vouches for; IncompatibleCheckpointError for
+  another model's or another data stream's."""
   directory = os.path.abspath(directory)  # orbax reads absolute paths only
   where = os.path.join(directory, str(step))
   problem = integrity.damage(directory, step)
@@ -173,10 +189,27 @@ def restore(directory: str, step: int, abstract, shardings, data_stream=None):
     return _read(directory, step, abstract, shardings, data_stream)
   except IncompatibleCheckpointError:
     raise
-  except (OSError, ValueError) as e:  # orbax / tensorstore reading a damaged checkpoint
-    reason = " ".join(str(e).split())[:300]
-    raise DamagedCheckpointError(f"checkpoint {where} cannot be read: {type(e).__name__}: "
-                                 f"{reason}") from None
+  except Exception as e:  # orbax / tensorstore raise bare Exceptions for unreadable bytes
+    _quiet_late_reads()
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+    reason = f"{type(e).__name__}: {text[:300]}"
+    if integrity.checksummed(directory, step):  # every byte is as saved: not damage
+      raise ValueError(f"checkpoint {where} cannot be read although every file matches "
+                       f"its checksum: {reason}") from None
+    raise DamagedCheckpointError(f"checkpoint {where} cannot be read: {reason}") from None
+
+
+def _ignore_closed_loop(unraisable, default=sys.unraisablehook):
+  if not (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    default(unraisable)
+
+
+def _quiet_late_reads() -> None:
+  """After a failed restore, orbax's event loop is closed while tensorstore still
+  finishes the other reads; their callbacks' 'Event loop is closed' errors (a traceback
+  each, printed as unraisable) say nothing more, so they are dropped."""
+  sys.unraisablehook = _ignore_closed_loop
 
 
 def _read(directory: str, step: int, abstract, shardings, data_stream):

@@ -3,7 +3,6 @@ not of the host count; this process's rows of each; their position saved as tf.d
 iterator state, so resuming at step 1,000,000 costs what resuming at step 10 does."""
 
 import os
-import re
 
 import jax
 import numpy as np
@@ -26,10 +25,7 @@ _UNSAVEABLE_ERRORS = (tf.errors.FailedPreconditionError, tf.errors.InvalidArgume
 def _tf_reason(error: tf.errors.OpError) -> str:
   """tf.data's reason without the op wrapping around it, the same from the graph check
   and from a save: 'EagerPyFunc is stateful.'"""
-  line = error.message.splitlines()[0] if error.message else type(error).__name__
-  line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
-  line = re.sub(r"\s*\[Op:\w+\].*$", "", line)
-  return line.removeprefix("Failed to serialize the input pipeline graph: ")
+  return pipeline.tf_reason(error).removeprefix("Failed to serialize the input pipeline graph: ")
 
 
 def process_rows(sharding: NamedSharding, batch_size: int) -> dict[int, list[int]]:

@@ -78,8 +78,9 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
              checkpoint_steps="all", metrics=None, mesh=None) -> list[dict]:
   """Evaluates each chosen checkpoint not yet evaluated in `output_dir`; writes
   `<output_dir>/<name>-<step>.json`, appends a row to `<output_dir>/metrics.jsonl` and
-  TensorBoard scalars to `<output_dir>/`. `metrics` (names in `tasks.metrics.METRICS`)
-  replaces the tasks' own metric functions. Returns the new rows."""
+  TensorBoard scalars to `<output_dir>/`, each only after its checkpoint restored and
+  was evaluated. `metrics` (names in `tasks.metrics.METRICS`) replaces the tasks' own
+  metric functions. Returns the new rows."""
   from ul2x.trainer.metrics import MetricsWriter  # TensorBoard: TensorFlow
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"evaluate.max_decode_len={max_decode_len} must be at least 1.")
@@ -93,13 +94,16 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   todo = [s for s in steps if not os.path.exists(os.path.join(output_dir, f"{name}-{s}.json"))]
   if len(todo) < len(steps):
     say(f"skipping steps {sorted(set(steps) - set(todo))}: already evaluated in {output_dir}")
-  writer, rows = MetricsWriter(output_dir), []
+  writer, rows = None, []
   for step in todo:
     params = job.restore_state(directory, step)["params"]
     row = {"step": step, "checkpoint": os.path.join(directory, str(step)), **evaluator(params)}
     say(f"eval step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()
                                          if isinstance(v, float)))
     if jax.process_index() == 0:
+      # Created once a checkpoint has restored: a wrong model or a damaged checkpoint
+      # leaves no events file behind.
+      writer = writer or MetricsWriter(output_dir)
       write_jsonl_atomically(os.path.join(output_dir, f"{name}-{step}.json"), [row])
       with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")

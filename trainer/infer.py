@@ -1,6 +1,7 @@
 """The infer job: predictions (decoding) or scores (log-likelihood of given targets) for a
 seqio task split or a text / JSONL file of inputs, written as JSONL."""
 
+import ast
 import functools
 import json
 import os
@@ -12,12 +13,15 @@ import gin
 import jax
 
 from ul2x.model import TransformerConfig
-from ul2x.tasks import inference
+from ul2x.tasks import inference, pipeline, preprocessors
+from ul2x.trainer import checkpoints
 from ul2x.trainer.console import say
 from ul2x.trainer.predict import make_predict_fn, make_score_fn
 from ul2x.trainer.setup import Setup, setup
 
 MODES = ("predict", "score")
+# infer.mode_token's default: the mode token of the task the checkpoint was trained on.
+TRAINED_MODE_TOKEN = "auto"
 
 
 class ProgressBar:
@@ -103,21 +107,93 @@ def write_jsonl_atomically(path: str, rows: list[dict], overwrite: bool = False)
   os.replace(tmp, path)
 
 
+def _config_bindings(path: str) -> dict:
+  """{'name': value} of the top-level bindings and macros in a gin file as training writes
+  it (`gin.config_str()`, one per line); a value that is not a Python literal (a
+  `%MACRO` or `@reference`, a value spread over lines) is kept as its text."""
+  bindings = {}
+  with open(path) as f:
+    for line in f:
+      name, sep, value = line.rstrip("\n").partition(" = ")
+      if sep and name and not name[0].isspace() and not name.startswith("#"):
+        try:
+          bindings[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          bindings[name] = value
+  return bindings
+
+
+def _task_mode_token(task, gin_token: str | None) -> str | None:
+  """The mode token that leads `task`'s inputs: fixed by its registration
+  (`register_finetune_task(..., mode_token=)`, a UL2 denoiser's `paradigm_token`) or,
+  for a bare `prepend_mode_token`, `gin_token`, the one training chose in gin."""
+  for fn in task.preprocessors:
+    if fn is preprocessors.prepend_mode_token:
+      return gin_token
+    keywords = getattr(fn, "keywords", {})
+    token = keywords.get("mode_token") or keywords.get("paradigm_token")
+    if token:
+      return token
+  return None
+
+
+def trained_mode_token(checkpoint_path: str, step: int | None = None) -> str | None:
+  """The mode token of the task or mixture the checkpoint was trained on, as its
+  MODEL_DIR/config.gin names it, said on the console; None if the task had none, or if
+  there is no config.gin or the task is not registered and chose no token in gin."""
+  directory, _ = checkpoints.find_checkpoint(checkpoint_path, step)
+  if os.path.basename(directory) == "checkpoints":
+    directory = os.path.dirname(directory)  # the MODEL_DIR
+  config = os.path.join(directory, "config.gin")
+  if not os.path.isfile(config):
+    return None
+  bindings = _config_bindings(config)
+  name = bindings.get("train.mixture_or_task_name")
+  if isinstance(name, str) and name.startswith("%"):
+    name = bindings.get(name[1:])
+  if not isinstance(name, str):
+    return None
+  gin_token = bindings.get("prepend_mode_token.mode_token")
+  try:
+    provider = pipeline.mixture_or_task(name)
+  except ValueError:
+    if gin_token is None:
+      return None
+    raise ValueError(
+        f"the checkpoint was trained on {name!r} with prepend_mode_token.mode_token="
+        f"{gin_token!r} ({config}), but {name!r} is not registered here; add the gin file "
+        f"that imports the module registering it, or pass --gin.infer.mode_token=\"'{gin_token}'\" "
+        "(or =None for no mode token).") from None
+  tokens = {_task_mode_token(t, gin_token) for t in getattr(provider, "tasks", [provider])}
+  if tokens == {None}:
+    return None
+  if len(tokens) > 1:
+    say(f"infer: {name!r}, which the checkpoint was trained on, leads its inputs with "
+        f"{', '.join(sorted(t or 'none' for t in tokens))}; prompts get no mode token unless "
+        "--gin.infer.mode_token names one")
+    return None
+  token, = tokens
+  say(f"infer: prompts get the mode token {token!r} of {name!r}, which the checkpoint was "
+      "trained on; pass --gin.infer.mode_token=... (None for none) to change it")
+  return token
+
+
 @gin.configurable
 def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
           mixture_or_task_name: str | None = None, input_file: str | None = None,
           model_config: TransformerConfig = gin.REQUIRED, mode: str = "predict",
           split: str = "validation", batch_size: int = 32, max_decode_len: int | None = None,
-          num_examples: int | None = None, mode_token: str | None = None, seed: int = 0,
-          step: int | None = None, overwrite: bool = False, causal_prompt: bool = False,
-          mesh=None) -> str:
+          num_examples: int | None = None, mode_token: str | None = TRAINED_MODE_TOKEN,
+          seed: int = 0, step: int | None = None, overwrite: bool = False,
+          causal_prompt: bool = False, mesh=None) -> str:
   """Writes `output_dir/<task or file name>-<mode>-<step>.jsonl`, one row per example:
   `inputs`, `prediction` (predict) or `targets` (score), and `score` (the prediction's
   log-probability, or the given targets' log-likelihood). Inputs come from the task's
   `split` or from `input_file` (.jsonl with 'inputs' [and 'targets'], else one input per
-  line) led by `mode_token`; `causal_prompt` continues each line as plain text with a
-  decoder-only causal LM (no EOS after it, no bidirectional prefix). Returns the output
-  path."""
+  line) led by `mode_token` ('[NLU]', '[NLG]', '[S2S]', None for none, or by default
+  that of the task the checkpoint was trained on: `trained_mode_token`); `causal_prompt`
+  continues each line as plain text with a decoder-only causal LM (no EOS after it, no
+  bidirectional prefix). Returns the output path."""
   if mode not in MODES:
     raise ValueError(f"infer.mode={mode!r} is not one of {MODES}; use --gin.infer.mode.")
   if bool(mixture_or_task_name) == bool(input_file):
@@ -129,6 +205,8 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
     if causal_prompt and (mode == "score" or model_config.architecture != "decoder_only"):
       raise ValueError("infer.causal_prompt=True continues text with a decoder_only model in "
                        f"predict mode, not {model_config.architecture!r} in {mode!r} mode.")
+    if mode_token == TRAINED_MODE_TOKEN:
+      mode_token = trained_mode_token(checkpoint_path, step)
     examples = inference.file_examples(input_file, mode_token=mode_token,
                                        task_feature_lengths=task_feature_lengths,
                                        causal_prompt=causal_prompt)

@@ -9,6 +9,7 @@ import numpy as np
 from ul2x import partitioning
 from ul2x.partitioning import report
 from ul2x.model import TransformerConfig
+from ul2x.model.config import check_range
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.tasks import pipeline
 from ul2x.trainer import checkpoints, upcycling
@@ -24,6 +25,7 @@ from ul2x.trainer.preemption import StopRequest
 from ul2x.trainer.profiling import StepProfiler, check_profile_steps
 from ul2x.trainer.setup import Setup, setup
 from ul2x.trainer.steps import summarize
+from ul2x.trainer.watchdog import StepWatchdog
 
 
 def _check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
@@ -44,7 +46,8 @@ def _check_finite(nonfinite: int, on_nonfinite: str, checked: int, step: int, ck
     kept = ckpt.latest_step()
     kept = "none" if kept is None else f"step {kept}"
     raise ValueError(
-        f"the loss or gradients became non-finite between steps {checked + 1} and {step}; "
+        f"the loss, gradients or updated parameters became non-finite between steps "
+        f"{checked + 1} and {step}; "
         f"stopped without saving, so the newest checkpoint ({kept}) keeps the last good "
         "state. Lower the learning rate, clip gradients "
         "(--gin.create_optimizer.grad_clip_norm=1.0) or set "
@@ -112,7 +115,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           infer_eval_examples: int | None = 64, on_nonfinite: str = "stop",
           fallback_to_intact_checkpoint: bool = True,
           max_replicated_param_bytes: int | None = None, profile_steps=None,
-          dry_run: DryRun | None = None) -> dict:
+          step_timeout_s: float | None = 1800.0, dry_run: DryRun | None = None) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -142,20 +145,26 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   At start-up one line names the parameters the mesh leaves fully replicated; one
   over `max_replicated_param_bytes` (None: no limit) stops the job. `profile_steps`
   `(first, last)` traces those steps into MODEL_DIR/profile/ (docs/training.md).
+  When no step finishes within `step_timeout_s` seconds (None: no limit; the first
+  step's compilation and the first evaluations' do not count), every thread's stack
+  goes to MODEL_DIR/hang-<process>.txt and the process exits with status 3.
   With `dry_run` (the CLI's --dry_run) nothing is trained, read or written: the train
   step is compiled for the mesh and `dry_run.dry_run`'s report is returned.
 
   Returns the last logged metrics (a dict of floats).
   """
-  for name, value, least in (("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1),
-                             ("eval_every", eval_every, 0), ("train_steps", train_steps, 1),
-                             ("infer_eval_every", infer_eval_every, 0),
-                             ("batch_size", batch_size, 1)):
-    if not isinstance(value, int) or isinstance(value, bool):
-      raise ValueError(f"train.{name}={value!r} is not an integer; pass a number, e.g. "
-                       f"--gin.{name.upper() if name == 'train_steps' else 'train.' + name}=100.")
-    if value < least:
-      raise ValueError(f"train.{name}={value} must be at least {least}.")
+  integers = dict(train_steps=(train_steps, 1), batch_size=(batch_size, 1),
+                  num_microbatches=(num_microbatches, 1), log_every=(log_every, 1),
+                  checkpoint_every=(checkpoint_every, 1), keep_checkpoints=(keep_checkpoints, 1),
+                  eval_every=(eval_every, 0), eval_batches=(eval_batches, 0),
+                  infer_eval_every=(infer_eval_every, 0))
+  for name, (value, least) in integers.items():
+    check_range("train." + name, value, least, integer=True)
+  for name, value in dict(z_loss=z_loss, moe_aux_loss=moe_aux_loss,
+                          router_z_loss=router_z_loss).items():
+    check_range("train." + name, value, 0)
+  if step_timeout_s is not None:
+    check_range("train.step_timeout_s", step_timeout_s, 0, low_open=True)
   if on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not 'stop' or 'skip'.")
   check_profile_steps(profile_steps, train_steps)
@@ -216,7 +225,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                  batch_size=batch_size, step_options=step_options, z_loss=z_loss,
                  log_every=log_every, eval_every=eval_every, on_nonfinite=on_nonfinite,
                  infer_eval_every=infer_eval_every, infer_eval=infer_eval,
-                 profile_steps=profile_steps)
+                 profile_steps=profile_steps, step_timeout_s=step_timeout_s)
   finally:
     ckpt.close()
 
@@ -267,7 +276,7 @@ def _write_config(model_dir: str, job: Setup) -> None:
 
 def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, train_steps,
           task_feature_lengths, batch_size, step_options, z_loss, log_every, eval_every,
-          on_nonfinite, infer_eval_every, infer_eval, profile_steps) -> dict:
+          on_nonfinite, infer_eval_every, infer_eval, profile_steps, step_timeout_s) -> dict:
   cfg = job.cfg
   train_stream, eval_batches = data  # the stream is at the restored position
   step_fn = job.train_step(**step_options)
@@ -280,13 +289,17 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
                       peak_flops_per_device())
   train_writer = MetricsWriter(os.path.join(model_dir, "train"))
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
-  scalars, nonfinite, checked = {}, 0, start
+  scalars, nonfinite, checked, warm = {}, 0, start, set()
   progress.mark(start)
   with (StopRequest() as stop,
-        StepProfiler(profile_steps, os.path.join(model_dir, "profile"), start) as profiler):
+        StepProfiler(profile_steps, os.path.join(model_dir, "profile"), start) as profiler,
+        StepWatchdog(step_timeout_s, model_dir, start) as watchdog):
     for step in range(start + 1, train_steps + 1):
       with profiler.step(step):
-        state, metrics = step_fn(state, job.global_batch(next(train_stream)))
+        batch = job.global_batch(next(train_stream))
+        with watchdog.paused(step == start + 1):  # compiling
+          state, metrics = step_fn(state, batch)
+      watchdog.finished(step)
       profiler.after(step, metrics)
       data_position["train_batches"] += 1
       nonfinite = nonfinite + metrics["nonfinite"]  # on the device: no sync per step
@@ -300,7 +313,9 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
         scalars = progress.report(step, {**metrics, "skipped_steps": int(nonfinite)})
         train_writer.write(step, {**metrics, **scalars})
       if eval_data and (step % eval_every == 0 or step == train_steps):
-        sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
+        with watchdog.paused("eval" not in warm):
+          sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
+        warm.add("eval")
         totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
         eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
         eval_writer.write(step, eval_scalars)
@@ -308,7 +323,9 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
             f"acc {eval_scalars['accuracy']:.3f}")
         progress.mark(step)
       if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
-        results = infer_eval(state["params"])
+        with watchdog.paused("infer_eval" not in warm):
+          results = infer_eval(state["params"])
+        warm.add("infer_eval")
         eval_writer.write(step, results)
         say(f"infer eval step {step}  "
             + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))

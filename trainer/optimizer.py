@@ -5,6 +5,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ul2x.model.config import check_range
+
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # a larger rate is inf in the step
+
 SCHEDULES = ("rsqrt", "cosine", "constant")
 OPTIMIZERS = ("adafactor", "adamw")
 
@@ -17,7 +21,11 @@ def learning_rate_schedule(total_steps: int, *, schedule: str = "rsqrt",
   `final_fraction * learning_rate` at `total_steps`, or constant."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule={schedule!r} is unknown; use one of {SCHEDULES}.")
-  warmup_steps = max(int(warmup_steps), 1)
+  name = "learning_rate_schedule."
+  check_range(name + "learning_rate", learning_rate, 0, FLOAT32_MAX, low_open=True)
+  check_range(name + "warmup_steps", warmup_steps, 0, integer=True)
+  check_range(name + "final_fraction", final_fraction, 0, 1)
+  warmup_steps = max(warmup_steps, 1)
 
   def fn(step):
     step = jnp.asarray(step, jnp.float32)
@@ -42,6 +50,11 @@ def create_optimizer(total_steps: int, *, name: str = "adafactor",
   scales); Adafactor's `weight_decay_rate` decays every parameter."""
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer name={name!r} is unknown; use one of {OPTIMIZERS}.")
+  if grad_clip_norm is not None:
+    check_range("create_optimizer.grad_clip_norm", grad_clip_norm, 0, low_open=True)
+  check_range("create_optimizer.weight_decay", weight_decay, 0)
+  for key, value in (("b1", b1), ("b2", b2)):
+    check_range("create_optimizer." + key, value, 0, 1, high_open=True)
   schedule = learning_rate_schedule(total_steps)
   if name == "adafactor":
     tx = optax.adafactor(schedule, decay_rate=0.8, clipping_threshold=1.0,
@@ -50,6 +63,6 @@ def create_optimizer(total_steps: int, *, name: str = "adafactor",
   else:
     mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
-  if grad_clip_norm:
+  if grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
   return tx, schedule

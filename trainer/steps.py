@@ -34,14 +34,22 @@ def _microbatches(batch, n: int):
       lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def _all_finite(tree):
+  """True when every floating-point value of `tree` is finite (one reduction per leaf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
 def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: int = 1,
                     z_loss: float = 1e-4, moe_aux_loss: float = 1e-2,
                     router_z_loss: float = 1e-3, dropout_seed: int = 0,
                     skip_nonfinite: bool = False):
   """train_step(state, batch) -> (state, metrics). The loss is normalized by the
   number of target tokens in the whole batch, so microbatching changes nothing.
-  metrics['nonfinite'] is 1 when the loss or the gradients are not finite; with
-  `skip_nonfinite` such a step leaves the parameters and optimizer state unchanged.
+  metrics['nonfinite'] is 1 when the loss, the gradients, the new parameters or the
+  new optimizer state hold a non-finite value (so what a checkpoint saves is always
+  finite); with `skip_nonfinite` such a step leaves the parameters and optimizer
+  state unchanged.
   MoE models add `moe_aux_loss` x load-balancing loss + `router_z_loss` x router
   z-loss (each a mean over routing groups, summed over layers) to the objective;
   their metrics ('moe/...') are averaged over microbatches."""
@@ -79,7 +87,8 @@ def make_train_step(graphdef, tx, schedule, *, mesh, rules, num_microbatches: in
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_params = optax.apply_updates(params, updates)
       grad_norm = optax.tree.norm(grads)
-      finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+      finite = (jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+                & _all_finite(new_params) & _all_finite(opt_state))
       if skip_nonfinite:
         keep = lambda new, old: jnp.where(finite, new, old)
         new_params = jax.tree.map(keep, new_params, params)
