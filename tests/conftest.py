@@ -3,8 +3,13 @@
 import os
 import sys
 
+# XLA:CPU aborts the process when a simulated device's thread waits at a collective past
+# its timeout; on 2 busy cores a ring test's worker died that way (likely this), so the
+# tests let a collective wait 15 minutes.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_timeout_seconds=900"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
