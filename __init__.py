@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # What the repository root holds: reached as ul2x.<name>, never as a top-level module.
 OWN_NAMES = frozenset({
     "bench", "docs", "export", "gin_configs", "kernels", "locks", "model", "partitioning",
-    "runs", "tasks", "tests", "trainer", "eval", "gin_setup", "import_hf", "infer", "train"})
+    "runs", "tasks", "tests", "trainer", "eval", "gin_setup", "import_hf", "infer", "lm_eval",
+    "train"})
 
 
 class _WithoutOwnNames:

@@ -1,5 +1,5 @@
-"""CLI: python -m ul2x.eval --gin_file=gin_configs/models/tiny.gin \
-  --gin_file=gin_configs/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" ..."""
+"""CLI: python -m ul2x.eval --gin_file=gin_configs/runs/eval.gin \
+  --gin.CHECKPOINT_PATH="'/tmp/run'" ..."""
 
 import os
 
@@ -7,8 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ul2x import gin_setup  # noqa: E402
 
-REQUIRED = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME",
-            "TASK_FEATURE_LENGTHS")
+REQUIRED = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME")
 
 
 def main(argv: list[str]) -> None:

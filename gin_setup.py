@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import sys
+import tokenize
 
 import gin
+from gin import config_parser
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,17 +79,112 @@ def _find_gin_file(name: str, search: list[str]) -> str:
 DECLARED_REQUIRED = ("INITIAL_CHECKPOINT_PATH",)
 
 
-def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
-  """Parses gin files and bindings; fails if a required macro has no value (or one of
-  `DECLARED_REQUIRED` is declared required by a run file and left unset)."""
+def _gin_files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  """(the paths of the --gin_file files, the directories searched for gin files)."""
   # User directories first, so their files shadow ours; then cwd, then the package.
   search = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), PACKAGE_DIR]
   search = list(dict.fromkeys(os.path.abspath(p) for p in search))
-  for path in search:
-    gin.add_config_file_search_path(path)
   if not args.gin_file:
     raise ConfigError("no --gin_file given; e.g. --gin_file=gin_configs/runs/pretrain.gin.")
-  files = [_find_gin_file(f, search) for f in args.gin_file]
+  return [_find_gin_file(f, search) for f in args.gin_file], search
+
+
+def _check_required(macro_value, required_macros: tuple[str, ...]) -> None:
+  """Raises for the first required macro that is unset; `macro_value(name)` raises
+  KeyError for a macro that is not defined at all."""
+  for name in required_macros + DECLARED_REQUIRED:
+    try:
+      value = macro_value(name)
+    except KeyError:
+      if name in DECLARED_REQUIRED:
+        continue
+      value = None
+    if value is None or repr(value) == "%gin.REQUIRED":  # gin keeps REQUIRED as a reference
+      raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
+
+
+class _Reference(str):
+  """A `@configurable` or `%MACRO` as `check_config` reads it: its text."""
+
+  def __repr__(self):
+    return str(self)
+
+
+class _TextOnly(config_parser.ParserDelegate):
+  """gin's parser with nothing looked up: no configurable need be registered."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return _Reference(f"@{scoped_configurable_name}")
+
+  def macro(self, macro_name):
+    return _Reference(f"%{macro_name}")
+
+
+def _read_macros(path: str, search: list[str], macros: dict) -> bool:
+  """Adds the unscoped macros that the gin file `path` and its includes bind to `macros`;
+  False where an include is not found here (the full parse reports it)."""
+  with open(path) as f:
+    for statement in config_parser.ConfigParser(f, _TextOnly()):
+      if isinstance(statement, config_parser.IncludeStatement):
+        name = statement.filename
+        found = [p for p in ([name] if os.path.isabs(name) else
+                             [os.path.join(d, name) for d in [os.getcwd(), *search]])
+                 if os.path.isfile(p)]
+        if not found or not _read_macros(found[0], search, macros):
+          return False
+      elif isinstance(statement, config_parser.BindingStatement) and not (
+          statement.arg_name or statement.scope):
+        macros[statement.selector] = statement.value
+  return True
+
+
+def check_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
+  """What `load_config` refuses that gin's parser alone can tell, in a fraction of a
+  second, before a job imports TensorFlow and seqio (which the configurables of the full
+  parse need): a missing gin file, a syntax error, an unset required macro."""
+  files, search = _gin_files(args)
+  macros = {}
+  for path in files:
+    try:
+      if not _read_macros(path, search, macros):
+        return
+    except tokenize.TokenError as e:
+      raise ConfigError(f"gin: {path} ends inside a bracket or string; close it.") from e
+    except SyntaxError as e:
+      raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
+  for binding in args.gin_bindings:
+    try:
+      statements = list(config_parser.ConfigParser(binding, _TextOnly()))
+    except (SyntaxError, tokenize.TokenError) as e:
+      reason = ("it ends inside a bracket or string" if isinstance(e, tokenize.TokenError)
+                else e.msg.rstrip("."))
+      reason = reason[max(reason.find("Failed to parse"), 0):]  # not an ast node's repr
+      raise ConfigError(f"gin: cannot parse the binding {binding!r} ({reason}); check its "
+                        "quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".") from e
+    for statement in statements:
+      if isinstance(statement, config_parser.IncludeStatement):
+        return  # an include among the bindings: the full parse reads it
+      if isinstance(statement, config_parser.BindingStatement) and not (
+          statement.arg_name or statement.scope):
+        macros[statement.selector] = statement.value
+
+  def macro_value(name):
+    value = macros[name]
+    for _ in range(len(macros)):  # a macro bound to another macro
+      if not (isinstance(value, _Reference) and value.startswith("%") and value[1:] in macros):
+        break
+      value = macros[value[1:]]
+    return value
+
+  _check_required(macro_value, required_macros)
+
+
+def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
+  """Parses gin files and bindings; fails if a required macro has no value (or one of
+  `DECLARED_REQUIRED` is declared required by a run file and left unset)."""
+  files, search = _gin_files(args)
+  for path in search:
+    gin.add_config_file_search_path(path)
   try:
     gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
   except ImportError as e:
@@ -95,15 +192,14 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
                       "holds the module or add it to PYTHONPATH.") from e
   except (ValueError, KeyError, IOError, SyntaxError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
-  for name in required_macros + DECLARED_REQUIRED:
+
+  def macro_value(name):
     try:
-      value = gin.query_parameter(f"%{name}")
+      return gin.query_parameter(f"%{name}")
     except ValueError:  # the macro is not defined at all
-      if name in DECLARED_REQUIRED:
-        continue
-      value = None
-    if value is None or repr(value) == "%gin.REQUIRED":  # gin keeps REQUIRED as a reference
-      raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
+      raise KeyError(name) from None
+
+  _check_required(macro_value, required_macros)
   try:
     gin.finalize()
   except (ValueError, KeyError) as e:
@@ -118,6 +214,7 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
   import the module `configurables` that defines the job's gin configurables, and load
   the gin config. `add_flags(parser)` adds the job's own flags."""
   args = parse_flags(argv, description, add_flags)
+  check_config(args, required_macros)  # seconds before the imports below would
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index, timeout_s=args.distributed_timeout,
@@ -131,7 +228,8 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
       import ul2x.tasks  # noqa: F401  registers the default tasks
     if args.tfds_data_dir:
       seqio.set_tfds_data_dir_override(args.tfds_data_dir)
-  importlib.import_module(configurables)
+  with _stderr_silenced(args.verbosity == 0):  # the export job's modules import TensorFlow
+    importlib.import_module(configurables)
   load_config(args, required_macros)
   return args
 

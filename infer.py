@@ -1,5 +1,5 @@
-"""CLI: python -m ul2x.infer --gin_file=gin_configs/models/tiny.gin \
-  --gin_file=gin_configs/runs/infer.gin --gin.CHECKPOINT_PATH="'runs/quickstart'" ..."""
+"""CLI: python -m ul2x.infer --gin_file=gin_configs/runs/infer.gin \
+  --gin.CHECKPOINT_PATH="'runs/quickstart'" ..."""
 
 import os
 
@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ul2x import gin_setup  # noqa: E402
 
-REQUIRED = ("CHECKPOINT_PATH", "INFER_OUTPUT_DIR", "TASK_FEATURE_LENGTHS")
+REQUIRED = ("CHECKPOINT_PATH", "INFER_OUTPUT_DIR")
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,5 @@
-"""CLI: python -m ul2x.export --gin_file=gin_configs/models/tiny.gin \
-  --gin_file=gin_configs/runs/export.gin --gin.CHECKPOINT_PATH="'runs/quickstart'" \
-  --gin.EXPORT_DIR="'/tmp/quickstart-hf'"
+"""CLI: python -m ul2x.export --gin_file=gin_configs/runs/export.gin \
+  --gin.CHECKPOINT_PATH="'runs/quickstart'" --gin.EXPORT_DIR="'/tmp/quickstart-hf'"
 
 (The entry point lives here, not in a root export.py: the `export/` package would
 shadow a module of that name.)"""

@@ -1,5 +1,6 @@
 """The import job: a local Hugging Face transformers directory (T5 v1.1 / UL2 or Llama)
-read into a ul2x MODEL_DIR: an orbax checkpoint at step 0 and the gin model file."""
+read into a ul2x MODEL_DIR: an orbax checkpoint at step 0, its record (the model and the
+tokenizer files it came with, trainer/record.py) and the gin model file."""
 
 import dataclasses
 import os
@@ -10,9 +11,14 @@ from flax import nnx, traverse_util
 
 from ul2x.export import files, hf, mappings
 from ul2x.model import TransformerConfig, build_model
+from ul2x.trainer import record
 from ul2x.trainer.checkpoints import Checkpointer
 
 MODEL_GIN = "model.gin"
+# The files of a transformers tokenizer, as save_pretrained writes them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "spiece.model", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt")
 _FLAGS = ("--model_dir", "--overwrite")  # how the CLI sets the output and its replacement
 
 
@@ -31,9 +37,9 @@ def _abstract_params(cfg: TransformerConfig) -> dict:
 
 def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> TransformerConfig:
   """Reads `hf_dir` (config.json and model.safetensors, sharded or not) and writes
-  `model_dir/checkpoints/0` (what Setup.restore_state and train.init_checkpoint read)
-  and `model_dir/model.gin`; staged beside `model_dir` and renamed into place.
-  Returns the model's TransformerConfig."""
+  `model_dir/checkpoints/0` (what Setup.restore_state and train.init_checkpoint read),
+  its record with the tokenizer files of `hf_dir` (if any), and `model_dir/model.gin`;
+  staged beside `model_dir` and renamed into place. Returns the model's TransformerConfig."""
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise ValueError(f"{hf_dir} has no config.json; pass --hf_dir a directory written by "
@@ -55,7 +61,11 @@ def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> Transf
     ckpt.close()
     with open(os.path.join(staging, MODEL_GIN), "w") as f:
       f.write(model_gin(cfg, os.path.abspath(hf_dir)))
+    tokenizer = [os.path.join(hf_dir, name) for name in TOKENIZER_FILES
+                 if os.path.isfile(os.path.join(hf_dir, name))]
+    record.write(staging, cfg, hf_tokenizer_files=tokenizer)
   if jax.process_index() == 0:
-    print(f"imported {family.name} from {hf_dir} to {model_dir}: checkpoints/0 and "
-          f"{MODEL_GIN} (use it as --gin_file)", flush=True)
+    what = "its tokenizer files" if tokenizer else "no tokenizer (none in --hf_dir)"
+    print(f"imported {family.name} from {hf_dir} to {model_dir}: checkpoints/0, "
+          f"{record.RECORD} ({what}) and {MODEL_GIN}", flush=True)
   return cfg

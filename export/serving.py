@@ -7,6 +7,7 @@ that `load_serving` runs where ul2x's model code is absent; `export_serving` imp
 them when it is called.
 """
 
+import inspect
 import json
 import os
 
@@ -73,6 +74,17 @@ def export_serving(job, params, directory: str, *, inputs_len: int, max_decode_l
                 for name in names)
 
 
+# export_serving's options: the keys of the export job's `export.serving_options`.
+OPTIONS = tuple(name for name, p in inspect.signature(export_serving).parameters.items()
+                if p.kind is p.KEYWORD_ONLY)
+
+
+def _passing(name: str, value) -> str:
+  """How to pass export_serving's option `name=value`, in Python and to the export job."""
+  return (f"pass {name}={value} (export job: --gin.export.serving_options=\"{{..., "
+          f"'{name}': {value}}}\")")
+
+
 def _check_arguments(directory: str, inputs_len: int, mode_token, saved_model: bool,
                      batch_size: int | None, cfg) -> None:
   if not os.path.isdir(directory) or os.listdir(directory):
@@ -86,15 +98,15 @@ def _check_arguments(directory: str, inputs_len: int, mode_token, saved_model: b
                      "pass one of them, or None for no mode token.")
   if saved_model and cfg.vocab_size != 384:
     raise ValueError(f"the text SavedModel reads and writes the byte vocabulary (384 ids) "
-                     f"but the model has vocab_size={cfg.vocab_size}; pass saved_model=False "
+                     f"but the model has vocab_size={cfg.vocab_size}; {_passing('saved_model', False)} "
                      "and tokenize outside (the jax.export functions take ids).")
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be at least 1, or None for any.")
   if cfg.num_experts and batch_size is None:
     raise ValueError(f"a MoE model (num_experts={cfg.num_experts}) routes rows in groups "
                      "that depend on the batch size (model/moe.py group_layout), so its "
-                     "decoding cannot be exported for any batch size; pass batch_size=N "
-                     "and pad requests to N rows.")
+                     "decoding cannot be exported for any batch size; "
+                     f"{_passing('batch_size', 'N')} and pad requests to N rows.")
 
 
 def _single_device(job):

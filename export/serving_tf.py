@@ -98,5 +98,6 @@ def _check_runs(serve, rows: int) -> None:
     raise ValueError(
         f"TensorFlow {tf.__version__} cannot run this model's decoding in a SavedModel: "
         f"{reason} (the usual cause: jax {jax.__version__} writes StableHLO ops newer "
-        "than this TF's XlaCallModule reads; docs/serving.md). Pass saved_model=False: "
-        "the jax.export artifact does not need TF.") from None
+        "than this TF's XlaCallModule reads; docs/serving.md). Pass saved_model=False "
+        "(export job: --gin.export.serving_options=\"{..., 'saved_model': False}\"): the "
+        "jax.export artifact does not need TF.") from None

@@ -2,11 +2,19 @@
 `transformers.AutoTokenizer.from_pretrained(export_dir)` encodes text to ul2x's ids.
 
 The paradigm tokens `[NLU] [NLG] [S2S]` and the sentinels `<extra_id_i>` (seqio's
-spelling) are special added tokens at ul2x's ids (tasks/vocabularies.py): each is one
-id, matched in text before the rest is encoded, as ul2x inserts them by id. EOS (1)
-is appended as T5 tokenizers do; pad is 0.
+spelling) are added tokens at ul2x's ids (tasks/vocabularies.py). Text is encoded as
+ul2x encodes it (infer's input files, the SavedModel): `tokenizer(text)` does not parse
+special tokens in text (`split_special_tokens`), so a literal `[NLG]` is its bytes, as
+in ul2x; with SentencePiece, whose user-defined pieces the reserved tokens are,
+ul2x (seqio) reads them from text, and so does the tokenizer.
+`tokenizer(text, split_special_tokens=False)` parses them, as the ids ul2x inserts.
+An encoder-decoder's inputs end with EOS (1), as T5 tokenizers do; a
+decoder-only model's prompt starts with 0 and has no EOS, as infer lays out a causal
+prompt. Pad is 0.
 
-- Byte vocabulary: `ByT5Tokenizer` (bytes + 3), its added tokens pinned to our ids.
+- Byte vocabulary: `ByT5Tokenizer` (bytes + 3), its added tokens pinned to our ids; for
+  a decoder-only model a `tokenizer.json` of the same ids (bytes, then + 3), since
+  ByT5Tokenizer always appends EOS.
 - SentencePiece: `spiece.model` (the model as trained) and a `tokenizer.json` built from
   it for the `tokenizers` backend, with SentencePiece's normalizer, byte fallback and
   whitespace handling; transformers' T5Tokenizer would rebuild its own pipeline without
@@ -18,6 +26,7 @@ transformers nor tokenizers.
 
 import base64
 import os
+import shutil
 
 import seqio
 import tensorflow as tf
@@ -40,14 +49,15 @@ _NEVER = -1e9
 _BPE = sentencepiece_model_pb2.TrainerSpec.BPE
 
 
-def write_tokenizer(directory: str, vocabulary) -> None:
+def write_tokenizer(directory: str, vocabulary, *, decoder_only: bool = False) -> None:
   """Writes the transformers tokenizer files for `vocabulary` (a seqio.ByteVocabulary as
   tasks.vocabularies.byte_vocabulary() makes it, or a seqio.SentencePieceVocabulary from
-  tasks.vocabularies.sentencepiece_vocabulary) into `directory` (which exists)."""
+  tasks.vocabularies.sentencepiece_vocabulary) into `directory` (which exists);
+  `decoder_only`: prompts as infer's causal prompts (0 first, no EOS)."""
   if isinstance(vocabulary, seqio.ByteVocabulary):
-    _write_byte(directory, vocabulary)
+    _write_byte(directory, vocabulary, decoder_only)
   elif isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    _write_sentencepiece(directory, vocabulary)
+    _write_sentencepiece(directory, vocabulary, decoder_only)
   else:
     raise ValueError(
         f"cannot write tokenizer files for a {type(vocabulary).__name__}: ul2x exports "
@@ -64,30 +74,90 @@ def _reserved_tokens(vocabulary: seqio.Vocabulary) -> dict[int, str]:
   return dict(sorted(tokens.items()))
 
 
-def _added_token(content: str) -> dict:
+def _added_token(content: str, special: bool = True) -> dict:
   # Matched on the raw text with its neighbours' spaces kept: ul2x encodes the text on
-  # either side of a reserved token as it stands.
+  # either side of a reserved token as it stands. Special ones are matched only when
+  # asked (split_special_tokens=False); the others always.
   return {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
-          "normalized": False, "special": True}
+          "normalized": False, "special": special}
 
 
-def _config(tokenizer_class: str, reserved: dict[int, str], **extra) -> dict:
-  return {"tokenizer_class": tokenizer_class, **_SPECIALS,
-          "additional_special_tokens": list(reserved.values()),
+def _config(tokenizer_class: str, special: list[str], decoder_only: bool, **extra) -> dict:
+  # A decoder-only prompt starts with 0 (<pad>), as seqio shifts the targets right.
+  bos = {"bos_token": _SPECIALS["pad_token"]} if decoder_only else {}
+  return {"tokenizer_class": tokenizer_class, **_SPECIALS, **bos,
+          "additional_special_tokens": special,
+          # Special tokens in text are text, as ul2x encodes it (module docstring).
+          "split_special_tokens": True,
           # transformers' clean-up would drop spaces before punctuation when decoding.
           "clean_up_tokenization_spaces": False, **extra}
 
 
-def _write_byte(directory: str, vocabulary: seqio.ByteVocabulary) -> None:
+def _post_processor(decoder_only: bool) -> dict:
+  """EOS after an encoder-decoder's inputs; 0 before a decoder-only prompt, no EOS."""
+  name = "<pad>" if decoder_only else "</s>"
+  token = {"SpecialToken": {"id": name, "type_id": 0}}
+  a, b = ({"Sequence": {"id": key, "type_id": 0}} for key in "AB")
+  single, pair = ([token, a], [token, a, b]) if decoder_only else ([a, token], [a, token, b, token])
+  return {"type": "TemplateProcessing", "single": single, "pair": pair,
+          "special_tokens": {name: {"id": name, "ids": [0 if decoder_only else 1],
+                                    "tokens": [name]}}}
+
+
+def _write_byte(directory: str, vocabulary: seqio.ByteVocabulary, decoder_only: bool) -> None:
   """ByT5Tokenizer numbers bytes as we do; its own extra ids would put <extra_id_0> at
-  259, so extra_ids=0 and our reserved tokens pinned by id instead."""
+  259, so extra_ids=0 and our reserved tokens pinned by id instead. It always appends
+  EOS, so a decoder-only model gets a tokenizer.json: each byte as GPT-2's byte-level
+  character, one token each (no merges), at byte + 3."""
   reserved = _reserved_tokens(vocabulary)
-  decoder = {str(i): _added_token(token) for i, token in reserved.items()}
-  config = _config("ByT5Tokenizer", reserved, extra_ids=0, added_tokens_decoder=decoder)
-  files.write_json(os.path.join(directory, CONFIG), config)
+  if not decoder_only:
+    decoder = {str(i): _added_token(token) for i, token in reserved.items()}
+    config = _config("ByT5Tokenizer", list(reserved.values()), False, extra_ids=0,
+                     added_tokens_decoder=decoder)
+    files.write_json(os.path.join(directory, CONFIG), config)
+    return
+  tokens = dict(enumerate(_SPECIALS.values())) | reserved
+  vocab = {token: i for i, token in tokens.items()}
+  vocab |= {char: byte + 3 for byte, char in enumerate(_byte_level_chars())}
+  files.write_json(os.path.join(directory, TOKENIZER_JSON), {
+      "version": "1.0", "truncation": None, "padding": None,
+      "added_tokens": [{"id": i, **_added_token(token)} for i, token in tokens.items()],
+      "normalizer": None,
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                        "trim_offsets": False, "use_regex": False},
+      "post_processor": _post_processor(True),
+      "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False},
+      "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                "vocab": vocab, "merges": []}})
+  files.write_json(os.path.join(directory, CONFIG),
+                   _config("PreTrainedTokenizerFast", list(reserved.values()), True))
 
 
-def _write_sentencepiece(directory: str, vocabulary: seqio.SentencePieceVocabulary) -> None:
+def _byte_level_chars() -> list[str]:
+  """The character GPT-2's byte-level pre-tokenizer (`tokenizers`' ByteLevel) maps each
+  byte 0..255 to: printable Latin-1 bytes as themselves, the others from U+0100 on."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  chars, extra = [], 0
+  for byte in range(256):
+    if byte in kept:
+      chars.append(chr(byte))
+    else:
+      chars.append(chr(0x100 + extra))
+      extra += 1
+  return chars
+
+
+def copy_tokenizer(directory: str, source: str) -> None:
+  """Copies an import's Hugging Face tokenizer files (trainer/record.py) into `directory`."""
+  for name in sorted(os.listdir(source)):
+    shutil.copy(os.path.join(source, name), os.path.join(directory, name))
+
+
+def _write_sentencepiece(directory: str, vocabulary: seqio.SentencePieceVocabulary,
+                         decoder_only: bool) -> None:
   reserved = _reserved_tokens(vocabulary)  # raises unless it ends with the reserved block
   with tf.io.gfile.GFile(vocabulary.sentencepiece_model_file, "rb") as f:
     raw = f.read()
@@ -100,25 +170,25 @@ def _write_sentencepiece(directory: str, vocabulary: seqio.SentencePieceVocabula
         "it with `python -m ul2x.tasks.train_vocab`.")
   with open(os.path.join(directory, SPIECE), "wb") as f:
     f.write(raw)
-  files.write_json(os.path.join(directory, TOKENIZER_JSON), _tokenizer_json(model, reserved))
-  files.write_json(os.path.join(directory, CONFIG), _config("PreTrainedTokenizerFast", reserved))
+  files.write_json(os.path.join(directory, TOKENIZER_JSON),
+                   _tokenizer_json(model, reserved, decoder_only))
+  files.write_json(os.path.join(directory, CONFIG),
+                   _config("PreTrainedTokenizerFast", [], decoder_only))
 
 
-def _tokenizer_json(model: sentencepiece_model_pb2.ModelProto, reserved: dict[int, str]) -> dict:
+def _tokenizer_json(model: sentencepiece_model_pb2.ModelProto, reserved: dict[int, str],
+                    decoder_only: bool) -> dict:
   """The `tokenizers` serialization of `model` plus the sentinels: each text chunk between
-  reserved tokens is normalized, prefixed and segmented as SentencePiece does it."""
+  reserved tokens is normalized, prefixed and segmented as SentencePiece does it. The
+  reserved tokens are user-defined pieces (the paradigm tokens in the model, the
+  sentinels added by seqio), which SentencePiece reads from text: not special, so they
+  are split out of text, as ul2x's encode does."""
   tokens = dict(enumerate(_SPECIALS.values())) | reserved
-  added = [{"id": i, **_added_token(token)} for i, token in tokens.items()]
-  eos = {"id": "</s>", "type_id": 0}
+  added = [{"id": i, **_added_token(token, i < len(_SPECIALS))} for i, token in tokens.items()]
   return {
       "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
       "normalizer": _normalizer(model.normalizer_spec), "pre_tokenizer": None,
-      "post_processor": {
-          "type": "TemplateProcessing",
-          "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos}],
-          "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos},
-                   {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": eos}],
-          "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+      "post_processor": _post_processor(decoder_only),
       "decoder": _decoder(model),
       # seqio appends the sentinels past the model's pieces.
       "model": _model(model, [token for i, token in reserved.items() if i >= len(model.pieces)]),

@@ -21,11 +21,17 @@ from ul2x.tasks.vocabularies import PARADIGM_TOKENS
 
 def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
                            inputs_key: str = "inputs", targets_key: str = "targets",
+                           text_preprocessors: Sequence[Callable[..., Any]] = (),
+                           keep_keys: Sequence[str] = (),
                            mode_token: str | None = None,
                            vocabulary: seqio.Vocabulary | None = None,
                            postprocess_fn: Callable[..., Any] | None = None,
                            metric_fns: Sequence[Callable[..., dict]] = ()) -> seqio.Task:
   """Registers (replacing) a supervised task `name`: text `inputs_key` -> `targets_key`.
+
+  `text_preprocessors` (seqio preprocessors over the source's examples, e.g. T5's GLUE
+  formatting in `ul2x.tasks.glue`) run first; the features named in `keep_keys` stay
+  beside `inputs` and `targets` for the postprocessor (e.g. an example's index).
 
   The inputs are led by `mode_token`, or when None by gin's
   `prepend_mode_token.mode_token`; inputs and targets longer than the task feature
@@ -43,8 +49,9 @@ def register_finetune_task(name: str, source: seqio.DataSourceInterface, *,
   return registry.register_task(
       name, source=source, output_features=registry.output_features(vocabulary),
       preprocessors=[
-          functools.partial(seqio.preprocessors.rekey,
-                            key_map={"inputs": inputs_key, "targets": targets_key}),
+          *text_preprocessors,
+          functools.partial(seqio.preprocessors.rekey, key_map={
+              "inputs": inputs_key, "targets": targets_key, **{k: k for k in keep_keys}}),
           functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
           mode,
           seqio.preprocessors.append_eos_after_trim,

@@ -4,8 +4,9 @@ postprocessing and metrics of decoded text.
 
 An example is `{'inputs': int32 [n] (when there are inputs), 'targets': int32 [m] (when
 there are targets), 'inputs_pretokenized': str, 'targets_pretokenized': str}` (each text
-beside its ids), each id sequence ending in EOS as seqio appends it and no longer than
-its task feature length.
+beside its ids, the inputs' text without the mode token that leads its ids), each id
+sequence ending in EOS as seqio appends it and no longer than its task feature length;
+a file's example also has 'truncated': [the features cut to their length] where any was.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,7 +50,8 @@ def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int]
   unpacked), truncated to `task_feature_lengths`; all of them unless `num_examples`.
 
   The texts are seqio's `*_pretokenized` features when the task keeps them, else the
-  ids decoded (`decode`, so a mode token shows as e.g. `[S2S]`).
+  ids decoded (`decode`, so a sentinel shows as e.g. `<extra_id_0>`), the inputs without
+  their leading mode token, as a file's inputs are given.
   """
   task = _task(name)
   pipeline.check_split(task, split)
@@ -63,13 +65,21 @@ def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int]
 
 
 def _with_texts(ex: Mapping[str, Any], features: Mapping[str, seqio.Feature]) -> Example:
-  example = {}
+  # The task's other features (e.g. GLUE's `idx/question`) are for its postprocess_fn.
+  example = {k: v for k, v in ex.items() if k not in features}
   for key, feature in features.items():
     example[key] = np.asarray(ex[key], np.int32)
     text = ex.get(f"{key}_pretokenized")
-    example[f"{key}_pretokenized"] = (decode(example[key], feature.vocabulary) if text is None
+    ids = example[key]
+    if key == "inputs" and len(ids) and ids[0] in _mode_token_ids(feature.vocabulary):
+      ids = ids[1:]
+    example[f"{key}_pretokenized"] = (decode(ids, feature.vocabulary) if text is None
                                       else text.decode("utf-8"))
   return example
+
+
+def _mode_token_ids(vocabulary: seqio.Vocabulary) -> set[int]:
+  return {paradigm_token_id(vocabulary, token) for token in PARADIGM_TOKENS}
 
 
 def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
@@ -80,7 +90,8 @@ def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
 
   Tokenized with `vocabulary` (default bytes); `mode_token` ('[NLU]', '[NLG]', '[S2S]' or
   None) leads the inputs as its single reserved id, as in training; EOS appended after
-  truncating to `task_feature_lengths` ('inputs', and 'targets' when a line has targets).
+  truncating to `task_feature_lengths` ('inputs', and 'targets' when a line has targets);
+  'truncated' lists the features that were cut.
   `causal_prompt`: for a decoder-only causal LM, each input is text to continue: its ids
   go to 'prompt' without EOS, and `predict_batches` attends to them causally.
   """
@@ -106,9 +117,13 @@ def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
       length = _length(task_feature_lengths, key, path)
       if causal_prompt and key == "inputs":
         example["prompt"] = np.asarray(ids[:length], np.int32)
+        cut = len(ids) > length
       else:
         example[key] = _append_eos_after_trim(ids, length, vocabulary.eos_id)
+        cut = len(ids) > length - 1
       example[f"{key}_pretokenized"] = value
+      if cut:
+        example.setdefault("truncated", []).append(key)
     examples.append(example)
   return examples
 

@@ -50,7 +50,10 @@ def mixture_or_task(name: str) -> seqio.DatasetProviderBase:
   """The registered seqio task or mixture `name`; raises listing the registered ones."""
   names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
   if name not in names:
-    raise ValueError(f"unknown seqio task or mixture {name!r}; registered: {', '.join(names)}.")
+    raise ValueError(f"unknown seqio task or mixture {name!r}; registered: {', '.join(names)}. "
+                     "A task that a module of yours registers needs that module imported: "
+                     "put e.g. `import my_tasks` in a gin file given with --gin_file "
+                     "(docs/ul2.md).")
   return seqio.get_mixture_or_task(name)
 
 

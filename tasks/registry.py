@@ -1,12 +1,14 @@
 """Generic seqio registration helpers: output features and (re-)registering a task, a
-denoising task or a plain causal LM task over any seqio source. The tasks ul2x ships are in
-`default_tasks.py`, the UL2 mixture of denoisers in `ul2.py`."""
+denoising task or a plain causal LM task over any seqio source, and a TFDS source that never
+downloads. The tasks ul2x ships are in `default_tasks.py` and `glue.py`, the UL2 mixture of
+denoisers in `ul2.py`."""
 
 from collections.abc import Callable, Sequence
 import functools
 
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from ul2x.tasks import preprocessors
 from ul2x.tasks.vocabularies import byte_vocabulary
@@ -57,3 +59,39 @@ def register_lm_task(name: str, source: seqio.DataSourceInterface, *, text_key: 
       preprocessors=[functools.partial(preprocessors.tokenize_text, text_key=text_key),
                      preprocessors.lm_chunks],
       shuffle_buffer_size=shuffle_buffer_size)
+
+
+
+class LocalTfdsDataSource(seqio.TfdsDataSource):
+  """seqio's `TfdsDataSource` that only reads a dataset already built in the TFDS data
+  directory (`--tfds_data_dir`, else `TFDS_DATA_DIR`, else ~/tensorflow_datasets): it
+  never downloads, and a dataset not built there stops the job with one line naming
+  the `tfds build` command. `tfds_name` has a version ('glue/sst2:2.0.0'); `splits`
+  maps our split names to the dataset's."""
+
+  def __init__(self, tfds_name: str, splits: dict[str, str]):
+    super().__init__(tfds_name, splits=splits, read_only=True)
+
+  def get_dataset(self, split=None, *args, **kwargs) -> tf.data.Dataset:
+    try:
+      return super().get_dataset(split, *args, **kwargs)
+    except AssertionError:  # TFDS: "could not find data in <dir>"
+      name = self.tfds_dataset.name.split(":")[0]
+      root = self.tfds_dataset.data_dir or tfds.core.constants.DATA_DIR
+      raise ValueError(
+          f"TFDS dataset {name} is not built in {root}; build it with `tfds build {name} "
+          f"--data_dir={root}` (this downloads it) and pass --tfds_data_dir={root}.") from None
+
+  # TFDS knows a split's files and size only once built (not when mocked in tests): then
+  # seqio shards the examples instead of the files, and caches nothing in memory.
+  def list_shards(self, split: str) -> list[str]:
+    try:
+      return super().list_shards(split)
+    except KeyError:
+      return []
+
+  def num_input_examples(self, split: str) -> int | None:
+    try:
+      return super().num_input_examples(split)
+    except KeyError:
+      return None

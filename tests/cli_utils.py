@@ -12,7 +12,8 @@ import gin
 from ul2x import gin_setup
 
 JOBS = {"train": "ul2x.train", "infer": "ul2x.infer", "eval": "ul2x.eval",
-        "export": "ul2x.export.__main__", "import_hf": "ul2x.import_hf"}
+        "export": "ul2x.export.__main__", "import_hf": "ul2x.import_hf",
+        "lm_eval": "ul2x.lm_eval"}
 
 
 def run_job(job: str, *argv) -> subprocess.CompletedProcess:

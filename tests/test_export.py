@@ -25,11 +25,14 @@ needs_torch = pytest.mark.skipif(
     torch is None, reason="needs torch, which `.[test]` installs on Python 3.11 only: PyPI "
     "has no CPU build of torch for Linux (a CUDA build is several GB); the 3.11 leg runs it")
 
+from cli_utils import one_line_error, run_job  # noqa: E402
 from ul2x import partitioning  # noqa: E402
 from ul2x.export import files  # noqa: E402
 from ul2x.export.importer import import_hf, model_gin  # noqa: E402
 from ul2x.export.job import export as export_job  # noqa: E402
 from ul2x.model import TransformerConfig  # noqa: E402
+from ul2x.tasks import vocabularies  # noqa: E402
+from ul2x.trainer import record  # noqa: E402
 from ul2x.trainer.checkpoints import Checkpointer, restore_mapped_params  # noqa: E402
 from ul2x.trainer.setup import setup  # noqa: E402
 
@@ -357,7 +360,11 @@ def test_cli_exports_and_refuses_in_one_line(tmp_path, t5_checkpoint):
   # Started in the repository root, as the docs start it (tests/test_imports.py).
   run = functools.partial(subprocess.run, capture_output=True, text=True, env=env,
                           timeout=300, cwd=ROOT)
-  result = run(args)
+  result = run(args)  # a checkpoint without a record: which tokenizer is not known
+  assert result.returncode == 2 and "without a record of its vocabulary; pass " \
+      "--gin.export.tokenizer=" in result.stderr and not (tmp_path / "hf").exists(), \
+      result.stderr[-2000:]
+  result = run(args + ["--gin.export.tokenizer='byte'"])
   assert result.returncode == 2 and "has 384 ids but the model has vocab_size=101" in \
       result.stderr and not (tmp_path / "hf").exists(), result.stderr[-2000:]
   result = run(args + ["--gin.export.tokenizer=None"])
@@ -375,20 +382,34 @@ def test_cli_exports_and_refuses_in_one_line(tmp_path, t5_checkpoint):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_hf_export_writes_the_byte_tokenizer(tmp_path):
+def test_hf_export_writes_the_recorded_tokenizer_and_import_keeps_it(tmp_path):
   from transformers import AutoTokenizer
   cfg = dataclasses.replace(T5, vocab_size=384)
   params = setup(cfg, mesh=MESH).init_state()["params"]
-  path = export_job(checkpoint_path=_save(tmp_path / "model", params),
-                    export_dir=str(tmp_path / "hf"), model_config=cfg)
-  ids = AutoTokenizer.from_pretrained(path)("[S2S] ab<extra_id_0>").input_ids
-  assert ids == [261, 32 + 3, 97 + 3, 98 + 3, 383, 1]
+  model_dir = _save(tmp_path / "model", params)
+  record.write(model_dir, cfg, vocabulary=vocabularies.byte_vocabulary())
+  path = export_job(checkpoint_path=model_dir, export_dir=str(tmp_path / "hf"))
+  tokenizer = AutoTokenizer.from_pretrained(path)
+  assert tokenizer("[S2S] ab").input_ids == [b + 3 for b in b"[S2S] ab"] + [1]  # text
+  assert tokenizer("[S2S] ab<extra_id_0>", split_special_tokens=False).input_ids == [
+      261, 32 + 3, 97 + 3, 98 + 3, 383, 1]
+  # Imported, the model keeps the tokenizer it came with and exports it again; without
+  # one, the export refuses to guess.
+  import_hf(path, str(tmp_path / "imported"))
+  again = export_job(checkpoint_path=str(tmp_path / "imported"), export_dir=str(tmp_path / "again"))
+  assert (tmp_path / "again" / "tokenizer_config.json").read_bytes() == \
+      (tmp_path / "hf" / "tokenizer_config.json").read_bytes()
+  os.remove(os.path.join(path, "tokenizer_config.json"))
+  import_hf(path, str(tmp_path / "bare"))
+  assert "records no vocabulary (imported without tokenizer files)" in _error(
+      export_job, checkpoint_path=str(tmp_path / "bare"), export_dir=str(tmp_path / "none"))
+  assert again and not (tmp_path / "none").exists()
 
 
 def test_serving_format_goes_through_the_export_job(tmp_path, t5_checkpoint):
   from ul2x.export.serving import load_serving
   ckpt, _ = t5_checkpoint
-  assert "needs export.serving_options with ['inputs_len', 'max_decode_len']" in _error(
+  assert "needs inputs_len and max_decode_len in export.serving_options" in _error(
       export, checkpoint_path=ckpt, export_dir=str(tmp_path / "none"), model_config=T5,
       format="serving")
   path = export(checkpoint_path=ckpt, export_dir=str(tmp_path / "serving"), model_config=T5,
@@ -397,3 +418,55 @@ def test_serving_format_goes_through_the_export_job(tmp_path, t5_checkpoint):
   assert {"serving.json", "greedy.jax_exported", "params.npz"} <= set(os.listdir(path))
   ids, scores = load_serving(path)(np.full((2, 9), 5, np.int32))
   assert ids.shape == (2, 4) and scores.shape == (2,)
+
+
+def test_serving_options_on_the_command_line_are_refused_in_one_line(tmp_path, t5_checkpoint):
+  """docs/serving.md's command, wrong in each way a user meets: one line naming the
+  option as the command line spells it, and nothing written."""
+  ckpt, _ = t5_checkpoint
+  (tmp_path / "model.gin").write_text(model_gin(T5, "the test"))
+  args = [f"--gin_file={tmp_path}/model.gin", "--gin_file=gin_configs/runs/export.gin",
+          f"--gin.CHECKPOINT_PATH='{ckpt}'", f"--gin.EXPORT_DIR='{tmp_path}/serving'",
+          "--gin.export.format='serving'"]
+  options = "--gin.export.serving_options={'inputs_len': 9, 'max_decode_len': 4%s}"
+  one_line_error(run_job("export", *args, "--gin.export.serving_options={'inputs_len': 9}"),
+                 "needs max_decode_len in export.serving_options (given: ['inputs_len'])",
+                 "--gin.export.serving_options=\"{'inputs_len': 128, 'max_decode_len': 64}\"")
+  one_line_error(run_job("export", *args, options % "", "--gin.export.dtype='bfloat16'"),
+                 "float32 parameters, not export.dtype='bfloat16'")
+  one_line_error(run_job("export", *args, options % ", 'beam_size': 4"),
+                 "unknown option(s) ['beam_size']", "saved_model")
+  # The vocabulary refusal comes after the restore, from serving.export_serving.
+  one_line_error(run_job("export", *args, options % ""), "vocab_size=101",
+                 "--gin.export.serving_options=\"{..., 'saved_model': False}\"")
+  assert not (tmp_path / "serving").exists()
+
+
+@needs_torch
+def test_exported_llama_tokenizer_and_generate_continue_as_infer_does(tmp_path):
+  """tokenizer(prompt) + generate() greedy in transformers gives infer's
+  causal_prompt=True continuation: the tokenizer leads with 0 and appends no EOS."""
+  from cli_utils import run_job
+  cfg = dataclasses.replace(LLAMA, vocab_size=384, num_decoder_layers=2)
+  model_dir = _save(tmp_path / "model", _random_params(cfg, seed=5))
+  record.write(model_dir, cfg, vocabulary=vocabularies.byte_vocabulary(),
+               task_feature_lengths={"inputs": 16, "targets": 8})
+  prompts = ["The cat", "ab [NLG] c"]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  result = run_job("infer", "--gin_file=gin_configs/runs/infer.gin",
+                   f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'",
+                   f"--gin.INPUT_FILE='{tmp_path / 'prompts.txt'}'",
+                   "--gin.infer.causal_prompt=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "prompts-predict-7.jsonl") as f:
+    expected = [json.loads(line)["prediction"] for line in f]
+  path = export_job(checkpoint_path=model_dir, export_dir=str(tmp_path / "hf"), mesh=MESH)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  model = _hf_model(path)
+  for prompt, prediction in zip(prompts, expected):
+    inputs = tokenizer(prompt, return_tensors="pt")
+    assert inputs.input_ids[0].tolist() == [0] + [b + 3 for b in prompt.encode()]
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1)
+    new = out[0, inputs.input_ids.shape[1]:].tolist()
+    assert vocabularies.decode_with_reserved(
+        vocabularies.byte_vocabulary(), new[:new.index(1)] if 1 in new else new) == prediction

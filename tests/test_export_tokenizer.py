@@ -51,11 +51,11 @@ def _sentencepiece_text(text: str) -> str:
   return re.sub(r" +(?=\[NLU\]|\[NLG\]|\[S2S\]|<extra_id_)", "", text)
 
 
-def _export_dir(path, vocab, model_type: str) -> str:
+def _export_dir(path, vocab, model_type: str, decoder_only: bool = False) -> str:
   """A directory as the export leaves it: the model's config.json and the tokenizer."""
   os.makedirs(path)
   files.write_json(os.path.join(path, "config.json"), {"model_type": model_type})
-  write_tokenizer(str(path), vocab)
+  write_tokenizer(str(path), vocab, decoder_only=decoder_only)
   return str(path)
 
 
@@ -92,7 +92,7 @@ def test_byte_vocabulary(tmp_path, model_type):
   _check_reserved_and_specials(tokenizer, vocab)
   for pieces in CASES + NON_ASCII:
     text = "".join(pieces)
-    ids = tokenizer(text).input_ids
+    ids = tokenizer(text, split_special_tokens=False).input_ids  # reserved tokens parsed
     assert ids == _ul2x_ids(vocab, pieces), text
     assert tokenizer.decode(ids, skip_special_tokens=False) == text + "</s>"
     assert vocabularies.decode_with_reserved(vocab, ids) == text + "</s>"
@@ -109,7 +109,7 @@ def test_sentencepiece_vocabulary(tmp_path, sentencepiece, kind, model_type):
   _check_reserved_and_specials(tokenizer, vocab)
   for pieces in CASES:
     text = "".join(pieces)
-    ids = tokenizer(text).input_ids
+    ids = tokenizer(text, split_special_tokens=False).input_ids  # reserved tokens parsed
     assert ids == _ul2x_ids(vocab, pieces), text
     assert tokenizer.decode(ids, skip_special_tokens=False) == _sentencepiece_text(text) + "</s>"
   with open(os.path.join(directory, "spiece.model"), "rb") as exported, \
@@ -144,3 +144,53 @@ def test_refuses_other_vocabularies(tmp_path, sentencepiece):
   path.write_bytes(model.SerializeToString())
   with pytest.raises(ValueError, match="<pad> <eos> <unk>, not ul2x's <pad> </s> <unk>"):
     write_tokenizer(str(tmp_path), vocabularies.sentencepiece_vocabulary(str(path)))
+
+
+RESERVED_IN_TEXT = "Answer:[NLG] <extra_id_0> </s>x"
+
+
+@pytest.mark.parametrize("decoder_only", [False, True])
+def test_reserved_tokens_in_text_are_text_as_in_ul2x(tmp_path, decoder_only):
+  """One rule: a literal [NLG] or <extra_id_0> in text is its bytes in infer's input
+  files, the SavedModel and the exported tokenizer alike; an encoder-decoder's inputs end
+  with EOS, a decoder-only prompt starts with 0 as infer's causal prompt does."""
+  import tensorflow as tf
+
+  from ul2x.export.serving_tf import encode_texts
+  from ul2x.tasks import inference
+  vocab = vocabularies.byte_vocabulary()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(_export_dir(
+      tmp_path / "export", vocab, "llama" if decoder_only else "t5", decoder_only))
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text(RESERVED_IN_TEXT + "\n")
+  example, = inference.file_examples(str(prompts), task_feature_lengths={"inputs": 64},
+                                     causal_prompt=decoder_only)
+  ids = tokenizer(RESERVED_IN_TEXT).input_ids
+  if decoder_only:
+    assert ids == [0] + list(example["prompt"])
+    assert tokenizer.bos_token_id == 0 and tokenizer.eos_token_id == 1
+  else:
+    assert ids == list(example["inputs"])
+    served = encode_texts(tf.constant([RESERVED_IN_TEXT]), inputs_len=64).numpy()[0]
+    assert ids == [i for i in served if i]
+  assert ids[1 if decoder_only else 0:][:7] == [b + 3 for b in b"Answer:"]
+  assert len(ids) == len(RESERVED_IN_TEXT.encode()) + 1
+  # Asked for, the tokenizer parses them, as the ids ul2x inserts.
+  parsed = tokenizer(RESERVED_IN_TEXT, split_special_tokens=False).input_ids
+  assert vocabularies.paradigm_token_id(vocab, "[NLG]") in parsed
+  assert vocabularies.sentinel_id(vocab, 0) in parsed
+
+
+def test_sentencepiece_reads_text_as_sentencepiece_does(tmp_path, sentencepiece):
+  """The reserved tokens are user-defined pieces of a SentencePiece vocabulary ([NLU]
+  [NLG] [S2S] in the model, the sentinels added by seqio), which it reads from text, so
+  the tokenizer does too (the spaces beside them may take other pieces: docs/export.md);
+  </s> and <pad> are text."""
+  vocab = sentencepiece["unigram"]
+  tokenizer = transformers.AutoTokenizer.from_pretrained(
+      _export_dir(tmp_path / "export", vocab, "t5"))
+  assert tokenizer("</s> and <pad>").input_ids == list(vocab.encode("</s> and <pad>")) + [1]
+  for token, reserved in (("[NLG]", vocabularies.paradigm_token_id(vocab, "[NLG]")),
+                          ("<extra_id_0>", vocabularies.sentinel_id(vocab, 0))):
+    text = f"spans {token} here"
+    assert reserved in vocab.encode(text) and reserved in tokenizer(text).input_ids

@@ -30,7 +30,7 @@ def test_reverse_task_examples_are_reversals_led_by_the_mode_token():
     text = VOCAB.decode(ex["inputs"][1:].tolist())
     assert 2 <= len(text) <= 6 and set(text) <= set(default_tasks.REVERSE_LETTERS)
     assert VOCAB.decode(ex["targets"].tolist()) == text[::-1]
-    assert ex["inputs_pretokenized"] == "[S2S]" + text
+    assert ex["inputs_pretokenized"] == text  # as a file's inputs: without the mode token
     assert ex["targets_pretokenized"] == text[::-1]
   again = _reverse_examples(50)
   assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(examples, again))
@@ -151,6 +151,7 @@ def test_file_examples_jsonl_and_text(tmp_path):
   # Truncated to the length with EOS kept last, as seqio's append_eos_after_trim does.
   assert second["inputs"].tolist() == [S2S] + VOCAB.encode("abcd") + [VOCAB.eos_id]
   assert "targets" not in second and second["inputs"].dtype == np.int32
+  assert "truncated" not in first and second["truncated"] == ["inputs"]
 
   text = tmp_path / "in.txt"
   text.write_text("hello world\n\n  \nsecond line\n")

@@ -56,8 +56,8 @@ def trained(tmp_path_factory):
 
 
 def exact_match(predictions):
-  """Percent of rows whose prediction reverses the input (after its [S2S] mode token)."""
-  hits = [r["prediction"] == r["inputs"].removeprefix("[S2S]")[::-1] for r in predictions]
+  """Percent of rows whose prediction is the target, from the JSONL alone."""
+  hits = [r["prediction"] == r["targets"] for r in predictions]
   return 100.0 * sum(hits) / len(hits)
 
 
@@ -65,7 +65,9 @@ def test_infer_decodes_the_trained_task_and_eval_agrees(trained, tmp_path):
   result = infer(trained, tmp_path, "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'")
   assert result.returncode == 0, result.stderr[-3000:]
   greedy = rows(tmp_path / f"ul2x_reverse-validation-predict-{STEPS}.jsonl")
-  assert len(greedy) == 200 and set(greedy[0]) == {"inputs", "prediction", "score"}
+  assert len(greedy) == 200 and set(greedy[0]) == {"inputs", "targets", "prediction", "score"}
+  # The inputs as given, without the [S2S] the model reads: as a file's lines are.
+  assert all(r["inputs"][::-1] == r["targets"] for r in greedy)
   # Learned (an untrained model reverses ~0%); the figure varies with the host's CPU, as
   # XLA's float32 code does: 88% on an AVX-512 AMD EPYC, over 90% on another host.
   assert exact_match(greedy) >= 80.0, exact_match(greedy)
@@ -77,6 +79,10 @@ def test_infer_decodes_the_trained_task_and_eval_agrees(trained, tmp_path):
           "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"]
   result = cli("eval", *args)
   assert result.returncode == 0, result.stderr[-3000:]
+  # Off a terminal, one progress line per checkpoint: the last.
+  progress = [line for line in result.stdout.splitlines() if "ex/s" in line]
+  assert len(progress) == 3 and all("eval ul2x_reverse 200/200" in p for p in progress), \
+      result.stdout
   evaluated = rows(out / "metrics.jsonl")
   assert [r["step"] for r in evaluated] == [200, 400, STEPS]
   assert evaluated[-1]["ul2x_reverse/exact_match"] == pytest.approx(exact_match(greedy))
@@ -115,6 +121,18 @@ def test_infer_on_a_file_predicts_and_scores(trained, tmp_path):
   assert (tmp_path / f"prompts-predict-{STEPS}.jsonl").read_text() == before
 
 
+def test_infer_says_which_prompts_it_cut(trained, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"inputs": "abcdefghijabcdefghij"}\n{"inputs": "abcd", "targets": "dcba"}\n')
+  result = run_job("infer", *infer_args(trained, tmp_path), f"--gin.INPUT_FILE='{prompts}'")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "cut to TASK_FEATURE_LENGTHS: 1 of 2 inputs (to 16 tokens)" in result.stdout
+  long, short = rows(tmp_path / f"prompts-predict-{STEPS}.jsonl")
+  assert long["inputs"] == "abcdefghijabcdefghij" and long["truncated"] == ["inputs"]
+  assert set(short) == {"inputs", "targets", "prediction", "score"}
+  assert short["prediction"] == short["targets"] == "dcba"
+
+
 def test_bad_inputs_give_one_line(trained, tmp_path):
   """In this process, as the commands run them (tests/cli_utils.py)."""
   task = "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'"
@@ -129,16 +147,17 @@ def test_bad_inputs_give_one_line(trained, tmp_path):
   one_line_error(run_job("infer", *args, f"--gin.INPUT_FILE='{bad}'"), "line 2")
   one_line_error(run_job("infer", *args, task, "--gin.infer.max_decode_len=0"),
                  "max_decode_len=0")
+  # The checkpoint's record refuses a gin model that contradicts it, naming the field.
   one_line_error(run_job("infer", *args, task, "--gin.TransformerConfig.emb_dim=64"),
-                 "shape", "model config")
+                 "TransformerConfig.emb_dim=64", "trained with emb_dim=128", "ul2x_model.json")
   one_line_error(run_job("infer", *args, task, "--gin.TransformerConfig.vocab_size=512"),
-                 "(512, 128)", "(384, 128)")
+                 "TransformerConfig.vocab_size=512", "trained with vocab_size=384")
   eval_args = [MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS,
                f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'"]
   one_line_error(run_job("eval", *eval_args, task.replace("ul2x_reverse", "ul2x_span_corruption")),
                  "no metric functions")
-  one_line_error(run_job("eval", *eval_args, task, "--gin.evaluate.metrics=['bleu']"),
-                 "unknown metric(s) ['bleu']")
+  one_line_error(run_job("eval", *eval_args, task, "--gin.evaluate.metrics=['bleurt']"),
+                 "unknown metric(s) ['bleurt']")
   assert not list(tmp_path.glob("*.jsonl"))
 
 
@@ -149,9 +168,13 @@ def test_fine_tuning_needs_an_assignment_map_for_new_parameters(trained, tmp_pat
   result = run_job("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'a'}'")
   one_line_error(result, "decoder/layers/2/", "train.init_assignment_map")
   assert not (tmp_path / "a" / "checkpoints").exists()
-  result = run_job("train", *finetune, f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
-               "--gin.train.init_assignment_map=[(r'decoder/layers/2/.*', None)]")
+  # No model gin file: the pretrained checkpoint's recorded model, the binding over it.
+  result = run_job("train", *finetune[1:], f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
+                   "--gin.train.init_assignment_map=[(r'decoder/layers/2/.*', None)]")
   assert result.returncode == 0, result.stderr[-3000:]
+  tuned = json.loads((tmp_path / "b" / "ul2x_model.json").read_text())
+  pretrained = json.loads((trained / "ul2x_model.json").read_text())
+  assert tuned["model"] == {**pretrained["model"], "num_decoder_layers": 3}
   assert "kept as initialised" in result.stdout and "fine-tuning from" in result.stdout
   first = next(line for line in result.stdout.splitlines() if line.startswith("step 1/2"))
   # Chance is ln(384) = 5.95; a fresh model starts there, a pretrained one far below.
@@ -184,7 +207,7 @@ def test_a_refused_checkpoint_leaves_no_output(trained, tmp_path):
   _truncate_largest_file(damaged / "checkpoints" / str(STEPS))
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("abcd\n")
-  for checkpoint, extra, reason in ((trained, wrong, "shape"), (damaged, (), "is damaged")):
+  for checkpoint, extra, reason in ((trained, wrong, "emb_dim=128"), (damaged, (), "is damaged")):
     out = tmp_path / "out"
     eval_args = [MODEL, "--gin_file=gin_configs/runs/eval.gin", LENGTHS, task,
                  f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.EVAL_OUTPUT_DIR='{out}'"]
@@ -235,3 +258,61 @@ def test_infer_on_a_file_leads_with_the_trained_tasks_mode_token(trained, tmp_pa
   one_line_error(result, "'my_qa' is not registered here",
                  "--gin.infer.mode_token=\"'[NLU]'\"")
   assert not (tmp_path / "refused").exists()
+
+
+def test_a_recorded_checkpoint_needs_no_model_gin_file(trained, tmp_path):
+  """Training records the model, vocabulary, task, mode token and feature lengths; infer,
+  eval and export of the checkpoint need nothing else and give what they give with the
+  gin model file."""
+  saved = json.loads((trained / "ul2x_model.json").read_text())
+  assert saved["model"]["emb_dim"] == 128 and saved["model"]["vocab_size"] == 384
+  assert saved["vocabulary"] == {"type": "byte"} and saved["task"] == "ul2x_reverse"
+  assert saved["mode_tokens"] == ["[S2S]"]
+  assert saved["task_feature_lengths"] == {"inputs": 16, "targets": 16}
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("abcd\nhij\n")
+  outputs = {}
+  for name, model in (("gin", [MODEL, LENGTHS]), ("record", [])):
+    out = tmp_path / name
+    result = run_job("infer", *model, "--gin_file=gin_configs/runs/infer.gin",
+                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.INFER_OUTPUT_DIR='{out}'",
+                     f"--gin.INPUT_FILE='{prompts}'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_job("eval", *model, "--gin_file=gin_configs/runs/eval.gin",
+                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EVAL_OUTPUT_DIR='{out}'",
+                     "--gin.MIXTURE_OR_TASK_NAME='ul2x_reverse'",
+                     "--gin.evaluate.checkpoint_steps='latest'", "--gin.evaluate.num_examples=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_job("export", *model, "--gin_file=gin_configs/runs/export.gin",
+                     f"--gin.CHECKPOINT_PATH='{trained}'", f"--gin.EXPORT_DIR='{out / 'hf'}'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = {f: (out / "hf" / f).read_bytes() for f in sorted(os.listdir(out / "hf"))}
+    outputs[name] = (rows(out / f"prompts-predict-{STEPS}.jsonl"),
+                     {k: v for k, v in rows(out / "metrics.jsonl")[0].items() if "/" in k},
+                     exported)
+  assert outputs["record"] == outputs["gin"]
+  predicted, _, exported = outputs["record"]
+  assert [r["prediction"] for r in predicted] == ["dcba", "jih"]  # [S2S] from the record
+  assert "tokenizer_config.json" in exported  # the recorded byte vocabulary
+  # A binding that says how to run the model (not what it is) is taken.
+  result = run_job("infer", *infer_args(trained, tmp_path / "bf16")[1:],
+                   f"--gin.INPUT_FILE='{prompts}'", "--gin.TransformerConfig.dtype='bfloat16'")
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_checkpoint_without_a_record_needs_the_model_gin_file(trained, tmp_path):
+  old = _copy_run(trained, tmp_path / "old")  # checkpoint and config.gin, no record
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("abcd\n")
+  file = f"--gin.INPUT_FILE='{prompts}'"
+  result = run_job("infer", *infer_args(old, tmp_path / "out"), file)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert rows(tmp_path / "out" / f"prompts-predict-{STEPS}.jsonl")[0]["prediction"] == "dcba"
+  one_line_error(run_job("infer", *infer_args(old, tmp_path / "none")[1:], file),
+                 "records no model", "--gin_file=gin_configs/models/tiny.gin")
+  one_line_error(run_job("infer", *infer_args(old, tmp_path / "none"), file,
+                         "--gin.TransformerConfig.emb_dim=64"), "shape", "model config")
+  one_line_error(run_job("export", MODEL, "--gin_file=gin_configs/runs/export.gin",
+                         f"--gin.CHECKPOINT_PATH='{old}'", f"--gin.EXPORT_DIR='{tmp_path / 'hf'}'"),
+                 "without a record of its vocabulary", "--gin.export.tokenizer")
+  assert not (tmp_path / "none").exists() and not (tmp_path / "hf").exists()

@@ -182,7 +182,8 @@ def test_batch_features_shapes_and_dtypes(architecture, features, pack):
 def test_bad_names_raise_listing_choices():
   with pytest.raises(ValueError, match=r"unknown seqio task or mixture 'nope'; registered: .*"
                                        r"ul2x_prefix_lm, ul2x_reverse, ul2x_span_corruption, "
-                                       r"ul2x_ul2, ul2x_ul2_r3_15"):
+                                       r"ul2x_ul2, ul2x_ul2_r3_15.*put e.g. `import my_tasks` "
+                                       r"in a gin file given with --gin_file"):
     ul2x.tasks.get_dataset("nope", SMALL, "train", 2)
   with pytest.raises(ValueError, match="architecture 'gpt'"):
     ul2x.tasks.feature_lengths_for("gpt", SMALL)

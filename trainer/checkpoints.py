@@ -162,13 +162,14 @@ def check_compatible(directory: str, step: int, abstract) -> None:
       raise IncompatibleCheckpointError(
           f"checkpoint {directory}/{step} has no {name!r} (shape {tuple(leaf.shape)}): it was "
           "saved by another architecture or model config; use the gin model file it was "
-          "trained with (its MODEL_DIR/config.gin), or an assignment map when fine-tuning.")
+          "trained with (MODEL_DIR/config.gin lists its TransformerConfig bindings), or an "
+          "assignment map when fine-tuning.")
     if stored[name] != tuple(leaf.shape):
       raise IncompatibleCheckpointError(
           f"checkpoint {directory}/{step} stores {name!r} with shape {stored[name]}, but the "
           f"model expects {tuple(leaf.shape)}: the checkpoint comes from another model "
           "config (size or vocabulary); use the gin model file it was trained with "
-          "(its MODEL_DIR/config.gin).")
+          "(MODEL_DIR/config.gin lists its TransformerConfig bindings).")
 
 
 def restore(directory: str, step: int, abstract, shardings, data_stream=None):

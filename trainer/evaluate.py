@@ -10,7 +10,7 @@ import jax
 
 from ul2x.model import TransformerConfig
 from ul2x.tasks import inference, metrics, pipeline
-from ul2x.trainer import checkpoints
+from ul2x.trainer import checkpoints, record
 from ul2x.trainer.console import say
 from ul2x.trainer.infer import run_examples, write_jsonl_atomically
 from ul2x.trainer.setup import Setup, setup
@@ -72,7 +72,8 @@ def _steps(path: str, which) -> tuple[str, list[int]]:
 
 @gin.configurable
 def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str,
-             task_feature_lengths: dict, model_config: TransformerConfig = gin.REQUIRED,
+             task_feature_lengths: dict | None = None,
+             model_config: TransformerConfig | None = None,
              split: str = "validation", batch_size: int = 32,
              max_decode_len: int | None = None, num_examples: int | None = None,
              checkpoint_steps="all", metrics=None, mesh=None) -> list[dict]:
@@ -85,6 +86,8 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"evaluate.max_decode_len={max_decode_len} must be at least 1.")
   directory, steps = _steps(checkpoint_path, checkpoint_steps)
+  model_config = record.model_config(checkpoint_path, model_config)
+  task_feature_lengths = record.task_feature_lengths(checkpoint_path, task_feature_lengths)
   job = setup(model_config, mesh=mesh)
   evaluator = Evaluator(job, mixture_or_task_name, split=split,
                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,

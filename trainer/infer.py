@@ -14,7 +14,7 @@ import jax
 
 from ul2x.model import TransformerConfig
 from ul2x.tasks import inference, pipeline, preprocessors
-from ul2x.trainer import checkpoints
+from ul2x.trainer import checkpoints, record
 from ul2x.trainer.console import say
 from ul2x.trainer.predict import make_predict_fn, make_score_fn
 from ul2x.trainer.setup import Setup, setup
@@ -25,20 +25,23 @@ TRAINED_MODE_TOKEN = "auto"
 
 
 class ProgressBar:
-  """`done/total examples  rate  ETA` on one updating line (a line per 10% off a tty)."""
+  """`done/total examples  rate  ETA` on one updating line; off a tty (a log file), the
+  last line only, and one a minute before it on long runs."""
+
+  LOG_EVERY_S = 60.0
 
   def __init__(self, total: int, what: str):
-    self.total, self.what, self.start, self.shown = total, what, time.perf_counter(), -1
+    self.total, self.what = total, what
+    self.start = self.shown = time.perf_counter()
     self.tty = sys.stdout.isatty()
 
   def update(self, done: int):
-    elapsed = time.perf_counter() - self.start
-    rate = done / max(elapsed, 1e-9)
+    now = time.perf_counter()
+    rate = done / max(now - self.start, 1e-9)
     eta = (self.total - done) / max(rate, 1e-9)
-    decile = 10 * done // max(self.total, 1)
-    if not self.tty and decile == self.shown:
+    if not self.tty and done < self.total and now - self.shown < self.LOG_EVERY_S:
       return
-    self.shown = decile
+    self.shown = now
     start = "\r" if self.tty else ""
     say(f"{start}{self.what} {done}/{self.total}  {rate:.1f} ex/s  "
         f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
@@ -137,10 +140,21 @@ def _task_mode_token(task, gin_token: str | None) -> str | None:
   return None
 
 
+def task_mode_tokens(provider, gin_token: str | None) -> set:
+  """The mode tokens that lead the inputs of a task or a mixture's tasks (None: none)."""
+  return {_task_mode_token(t, gin_token) for t in getattr(provider, "tasks", [provider])}
+
+
 def trained_mode_token(checkpoint_path: str, step: int | None = None) -> str | None:
-  """The mode token of the task or mixture the checkpoint was trained on, as its
-  MODEL_DIR/config.gin names it, said on the console; None if the task had none, or if
-  there is no config.gin or the task is not registered and chose no token in gin."""
+  """The mode token of the task or mixture the checkpoint was trained on, as its record
+  (trainer/record.py) or, for older checkpoints, its MODEL_DIR/config.gin names it, said
+  on the console; None if the task had none, or if there is neither file or the task is
+  not registered and chose no token in gin."""
+  saved = record.read(checkpoint_path, step)
+  if saved is not None:
+    if not saved.task:
+      return None
+    return _said_mode_token(saved.task, set(saved.mode_tokens) or {None})
   directory, _ = checkpoints.find_checkpoint(checkpoint_path, step)
   if os.path.basename(directory) == "checkpoints":
     directory = os.path.dirname(directory)  # the MODEL_DIR
@@ -164,7 +178,10 @@ def trained_mode_token(checkpoint_path: str, step: int | None = None) -> str | N
         f"{gin_token!r} ({config}), but {name!r} is not registered here; add the gin file "
         f"that imports the module registering it, or pass --gin.infer.mode_token=\"'{gin_token}'\" "
         "(or =None for no mode token).") from None
-  tokens = {_task_mode_token(t, gin_token) for t in getattr(provider, "tasks", [provider])}
+  return _said_mode_token(name, task_mode_tokens(provider, gin_token))
+
+
+def _said_mode_token(name: str, tokens: set) -> str | None:
   if tokens == {None}:
     return None
   if len(tokens) > 1:
@@ -178,10 +195,23 @@ def trained_mode_token(checkpoint_path: str, step: int | None = None) -> str | N
   return token
 
 
+def _say_truncated(examples: list[dict], task_feature_lengths: dict) -> None:
+  """One line, where any input file's texts were cut to their feature length."""
+  counts = {}
+  for example in examples:
+    for key in example.get("truncated", ()):
+      counts[key] = counts.get(key, 0) + 1
+  if counts:
+    cut = ", ".join(f"{n} of {len(examples)} {key} (to {task_feature_lengths[key]} tokens)"
+                    for key, n in counts.items())
+    say(f"infer: cut to TASK_FEATURE_LENGTHS: {cut}; their rows say \"truncated\"; raise "
+        "--gin.TASK_FEATURE_LENGTHS to keep them whole")
+
+
 @gin.configurable
-def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
+def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict | None = None,
           mixture_or_task_name: str | None = None, input_file: str | None = None,
-          model_config: TransformerConfig = gin.REQUIRED, mode: str = "predict",
+          model_config: TransformerConfig | None = None, mode: str = "predict",
           split: str = "validation", batch_size: int = 32, max_decode_len: int | None = None,
           num_examples: int | None = None, mode_token: str | None = TRAINED_MODE_TOKEN,
           seed: int = 0, step: int | None = None, overwrite: bool = False,
@@ -201,6 +231,8 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
                      f"{mixture_or_task_name!r} and {input_file!r}).")
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"infer.max_decode_len={max_decode_len} must be at least 1.")
+  model_config = record.model_config(checkpoint_path, model_config, step=step)
+  task_feature_lengths = record.task_feature_lengths(checkpoint_path, task_feature_lengths)
   if input_file:
     if causal_prompt and (mode == "score" or model_config.architecture != "decoder_only"):
       raise ValueError("infer.causal_prompt=True continues text with a decoder_only model in "
@@ -226,17 +258,20 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict,
     raise ValueError(f"{path} exists; pass --gin.infer.overwrite=True or another "
                      "INFER_OUTPUT_DIR to replace it.")
   say(f"{mode}: {len(examples)} examples of {name} with the checkpoint at step {at}")
+  _say_truncated(examples, task_feature_lengths)
   results = run_examples(job, state["params"], examples, mode=mode, seed=seed,
                          task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                          max_decode_len=max_decode_len)
   rows = []
   for example, result in zip(examples, results):
     row = {"inputs": example.get("inputs_pretokenized", "")}
+    if "targets_pretokenized" in example:
+      row["targets"] = example["targets_pretokenized"]
     if mode == "predict":
       row["prediction"] = inference.decode(result["prediction"])
-    else:
-      row["targets"] = example["targets_pretokenized"]
     row["score"] = result["score"]
+    if example.get("truncated"):
+      row["truncated"] = example["truncated"]
     rows.append(row)
   if jax.process_index() == 0:
     write_jsonl_atomically(path, rows, overwrite)

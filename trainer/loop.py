@@ -12,7 +12,7 @@ from ul2x.model import TransformerConfig
 from ul2x.model.config import check_range
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
 from ul2x.tasks import pipeline
-from ul2x.trainer import checkpoints, upcycling
+from ul2x.trainer import checkpoints, record, upcycling
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.console import say
 from ul2x.trainer.data import DataStream, check_data_shards
@@ -101,7 +101,7 @@ def _initial_state(job: Setup, *, init_checkpoint, init_assignment_map,
 
 @gin.configurable
 def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
-          task_feature_lengths: dict, model_config: TransformerConfig = gin.REQUIRED,
+          task_feature_lengths: dict, model_config: TransformerConfig | None = None,
           optimizer=None, mesh=None, batch_size: int = 16, num_microbatches: int = 1,
           z_loss: float = 1e-4, seed: int = 0, pack: bool = True, data_shards: int = 1,
           log_every: int = 10,
@@ -112,7 +112,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           init_from_dense_checkpoint: str | None = None, init_checkpoint: str | None = None,
           init_assignment_map=(), init_optimizer_state: bool = False,
           infer_eval_every: int = 0, infer_eval_task: str | None = None,
-          infer_eval_examples: int | None = 64, on_nonfinite: str = "stop",
+          infer_eval_examples: int | None = 64, infer_eval_metrics=None,
+          on_nonfinite: str = "stop",
           fallback_to_intact_checkpoint: bool = True,
           max_replicated_param_bytes: int | None = None, profile_steps=None,
           step_timeout_s: float | None = 1800.0, dry_run: DryRun | None = None) -> dict:
@@ -127,7 +128,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   `init_from_dense_checkpoint` (a dense run's MODEL_DIR) starts from that
   checkpoint's params, each MLP copied into every expert. Every `infer_eval_every`
   steps (0: never) the model decodes `infer_eval_examples` examples of `eval_split` of
-  `infer_eval_task` (default: the training task) and logs the task's metrics.
+  `infer_eval_task` (default: the training task) and logs the task's metrics, or the
+  metrics named in `infer_eval_metrics` (keys of `tasks.metrics.METRICS`).
 
   A non-finite loss or gradient either stops the job (`on_nonfinite='stop'`: an error
   before the next save, so the newest checkpoint stays the last good state) or skips
@@ -170,7 +172,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   check_profile_steps(profile_steps, train_steps)
   max_replicated_param_bytes = report.byte_limit(max_replicated_param_bytes,
                                                  "train.max_replicated_param_bytes")
-  cfg = model_config
+  cfg = _model_config(model_dir, model_config, init_checkpoint)
   job = setup(cfg, mesh=mesh, rules=logical_axis_rules, seed=seed,
               optimizer=optimizer or create_optimizer(train_steps))
   _check_batch_size(batch_size, num_microbatches, job.mesh, job.rules)
@@ -192,7 +194,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   infer_eval = infer_eval_every and Evaluator(
       job, infer_eval_task or mixture_or_task_name, split=eval_split,
       task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-      max_decode_len=None, num_examples=infer_eval_examples)
+      max_decode_len=None, num_examples=infer_eval_examples, metric_names=infer_eval_metrics)
   directory = os.path.join(model_dir, "checkpoints")
   saved = checkpoints.checkpoint_steps(directory)
   if saved:  # before the checkpoint manager lists the steps
@@ -211,7 +213,7 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
                            init_from_dense_checkpoint=init_from_dense_checkpoint)
     data_position = {"train_batches": 0, "process_count": jax.process_count(),
                      "data_shards": data_shards}
-  _write_config(model_dir, job)
+  _write_config(model_dir, job, mixture_or_task_name, task_feature_lengths)
   ckpt = Checkpointer(directory, every=checkpoint_every, max_to_keep=keep_checkpoints,
                       async_save=async_checkpointing)
   try:
@@ -258,15 +260,35 @@ def _report_replicated(job: Setup, limit: int | None) -> list:
   return replicated
 
 
-def _write_config(model_dir: str, job: Setup) -> None:
-  """MODEL_DIR/config.gin, the full gin config of the run, and MODEL_DIR/model-info.txt,
-  the layout of every state leaf (process 0)."""
+def _model_config(model_dir: str, given: TransformerConfig | None,
+                  init_checkpoint: str | None) -> TransformerConfig:
+  """`given`, else the gin model over the record of the run being resumed (changes to
+  its FIXED fields refused) or of the checkpoint fine-tuning starts from (any field may
+  change), else the gin model alone."""
+  if given is None and checkpoints.checkpoint_steps(os.path.join(model_dir, "checkpoints")):
+    return record.model_config(model_dir)
+  if given is None and init_checkpoint:
+    return record.model_config(init_checkpoint, fixed=False)
+  return given or TransformerConfig()  # gin fills in the model file's bindings
+
+
+def _write_config(model_dir: str, job: Setup, task: str, task_feature_lengths: dict) -> None:
+  """MODEL_DIR/config.gin, the full gin config of the run; MODEL_DIR/ul2x_model.json, what
+  its checkpoints are (trainer/record.py); MODEL_DIR/model-info.txt, the layout of every
+  state leaf (process 0)."""
   if jax.process_index() != 0:
     return
+  from ul2x.trainer.infer import task_mode_tokens
+  provider = pipeline.mixture_or_task(task)
+  gin_token = gin.get_bindings("prepend_mode_token").get("mode_token")
   try:
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
+    record.write(model_dir, job.cfg, vocabulary=provider.output_features["targets"].vocabulary,
+                 task=task, mode_tokens=sorted(task_mode_tokens(provider, gin_token),
+                                               key=lambda t: t or ""),
+                 task_feature_lengths=task_feature_lengths)
     with open(os.path.join(model_dir, "model-info.txt"), "w") as f:
       f.write(report.model_info(job.abstract_state(), job.shardings, job.param_axes, job.mesh))
   except OSError as e:
@@ -297,7 +319,8 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
     for step in range(start + 1, train_steps + 1):
       with profiler.step(step):
         batch = job.global_batch(next(train_stream))
-        with watchdog.paused(step == start + 1):  # compiling
+        with (watchdog.paused(step == start + 1),  # compiling
+              progress.paused("compile", step == start + 1)):
           state, metrics = step_fn(state, batch)
       watchdog.finished(step)
       profiler.after(step, metrics)
@@ -330,7 +353,8 @@ def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, tra
         say(f"infer eval step {step}  "
             + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
         progress.mark(step)
-      ckpt.maybe_save(step, state, data_position, final=final, data_stream=train_stream)
+      with progress.paused("save", ckpt.due(step, final)):
+        ckpt.maybe_save(step, state, data_position, final=final, data_stream=train_stream)
       if stopping:
         ckpt.wait()
         say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "

@@ -1,5 +1,7 @@
 """Training metrics: TensorBoard events, console progress lines, peak FLOPs for MFU."""
 
+import collections
+import contextlib
 import time
 
 import jax
@@ -74,25 +76,48 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-  """Throughput since the last report and the console line."""
+  """Throughput since the last report and the console line. Time spent `paused`
+  (compilation, checkpoint saves) is no step time: the line shows it on its own, and the
+  ETA is the median step time of the last `RECENT` reports times the steps left."""
+
+  RECENT = 10
 
   def __init__(self, total_steps: int, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float):
+               peak_flops: float, clock=time.perf_counter):
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
     self.flops_per_step = flops_per_step
     self.peak_flops = peak_flops * jax.device_count()
+    self.clock = clock
+    self.step_times = collections.deque(maxlen=self.RECENT)
+    self.apart = {}  # what -> seconds paused since the last report
     self.mark(None)
 
   def mark(self, step):
-    self.last_step, self.last_time = step, time.perf_counter()
+    """Starts the next interval at `step` (work since the last report is not step time)."""
+    self.last_step, self.last_time, self.paused_s = step, self.clock(), 0.0
+
+  @contextlib.contextmanager
+  def paused(self, what: str, pause: bool = True):
+    """Time inside (e.g. 'compile', 'save') is left out of the step time and shown apart."""
+    start = self.clock()
+    try:
+      yield
+    finally:
+      if pause:
+        seconds = self.clock() - start
+        self.paused_s += seconds
+        self.apart[what] = self.apart.get(what, 0.0) + seconds
 
   def report(self, step: int, metrics: dict) -> dict:
     """Adds speed metrics to `metrics`, prints the line, returns the scalars (vector
     metrics are left out)."""
-    now = time.perf_counter()
     steps = step - self.last_step
-    step_time = (now - self.last_time) / max(steps, 1)
+    step_time = max(self.clock() - self.last_time - self.paused_s, 1e-6) / max(steps, 1)
+    self.step_times.append(step_time)
+    eta = float(np.median(self.step_times)) * (self.total_steps - step)
+    apart = "".join(f"  {what} {seconds:.1f} s" for what, seconds in self.apart.items())
+    self.apart = {}
     self.mark(step)
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     scalars.update(step_time=step_time, tokens_per_second=self.tokens_per_step / step_time,
@@ -102,7 +127,7 @@ class Progress:
             f"acc {scalars['accuracy']:.3f}  lr {scalars['learning_rate']:.2e}  "
             f"gnorm {scalars['grad_norm']:.3f}  tok/s {scalars['tokens_per_second']:,.0f}  "
             f"step {step_time * 1e3:.0f} ms  MFU {100 * scalars['mfu']:.1f}%  "
-            f"ETA {_clock(step_time * (self.total_steps - step))}" + _moe_summary(scalars)
+            f"ETA {_clock(eta)}{apart}" + _moe_summary(scalars)
             + (f"  skipped {scalars['skipped_steps']:.0f}" if scalars.get("skipped_steps")
                else ""),
             flush=True)

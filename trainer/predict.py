@@ -96,15 +96,21 @@ def make_predict_fn(job, *, max_decode_len: int, eos_id: int = 1, method: str = 
   return jax.jit(predict, in_shardings=(job.shardings["params"], job.batch_sharding, None))
 
 
-def make_score_fn(job):
+def make_score_fn(job, *, greedy: bool = False):
   """The jitted `score(params, batch) -> float32 [batch]`: each row's log-likelihood of
-  its `decoder_target_tokens` (summed over `decoder_loss_weights`), teacher-forced."""
+  its `decoder_target_tokens` (summed over `decoder_loss_weights`), teacher-forced.
+  `greedy`: -> (that, bool [batch]: every weighted target is its position's argmax), as
+  lm-eval's loglikelihood requests ask."""
 
   def score(params, batch):
     with partitioning.axis_rules(job.mesh, job.rules):
       logits = nnx.merge(job.graphdef, params)(batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     target = jnp.take_along_axis(log_probs, batch[TARGETS][..., None], axis=-1)[..., 0]
-    return jnp.sum(target * batch[LOSS_WEIGHTS], axis=1)
+    total = jnp.sum(target * batch[LOSS_WEIGHTS], axis=1)
+    if not greedy:
+      return total
+    best = jnp.argmax(log_probs, axis=-1) == batch[TARGETS]
+    return total, jnp.all(best | (batch[LOSS_WEIGHTS] == 0), axis=1)
 
   return jax.jit(score, in_shardings=(job.shardings["params"], job.batch_sharding))

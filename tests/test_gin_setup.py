@@ -1,0 +1,96 @@
+"""The jobs' start-up (gin_setup.py): config errors that gin's parser alone can tell come
+before the seconds of importing jax, TensorFlow and seqio, and a job's console at the
+default verbosity holds its own lines only."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ul2x import gin_setup
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+           JAX_PLATFORMS="cpu")
+TINY = "--gin_file=gin_configs/models/tiny.gin"
+# Each job with a config error of another kind; the script prints the heavy modules
+# imported by the time all of them have failed.
+BAD = [
+    ("ul2x.infer", [TINY, "--gin_file=gin_configs/runs/infer.gin"]),
+    ("ul2x.train", [TINY, "--gin_file=gin_configs/runs/pretrain.gin", "--gin.TRAIN_STEPS=[1,"]),
+    ("ul2x.eval", [TINY, "--gin_file=nope.gin"]),
+    ("ul2x.export.__main__", [TINY, "--gin_file=gin_configs/runs/export.gin",
+                              "--gin.CHECKPOINT_PATH=/tmp/x"]),
+]
+SEARCH = list(dict.fromkeys([os.getcwd(), gin_setup.PACKAGE_DIR]))
+SCRIPT = f"""
+import importlib, sys
+from ul2x import gin_setup
+for job, argv in {BAD!r}:
+  try:
+    gin_setup.run_cli(importlib.import_module(job).main, argv)
+  except SystemExit as e:
+    assert e.code == 2, (job, e.code)
+print(sorted(m for m in ("jax", "seqio", "tensorflow") if m in sys.modules))
+"""
+
+
+def test_config_errors_come_before_the_heavy_imports():
+  result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+  assert result.returncode == 0 and result.stdout == "[]\n", result.stderr[-2000:]
+  assert result.stderr.splitlines() == [
+      "error: required macro CHECKPOINT_PATH is not set; pass --gin.CHECKPOINT_PATH=VALUE.",
+      "error: gin: cannot parse the binding 'TRAIN_STEPS = [1,' (it ends inside a "
+      "bracket or string); check its quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".",
+      f"error: gin file 'nope.gin' not found in {SEARCH}; check "
+      "--gin_file or add its directory to --gin_search_paths.",
+      "error: gin: cannot parse the binding 'CHECKPOINT_PATH = /tmp/x' (Unable to parse "
+      "value); check its quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".",
+  ]
+
+
+def _args(tmp_path, *gin_files, bindings=()):
+  return argparse.Namespace(gin_file=[str(tmp_path / f) for f in gin_files],
+                            gin_bindings=list(bindings), gin_search_paths=str(tmp_path))
+
+
+def test_required_macros_are_read_without_the_configurables(tmp_path):
+  """Includes, macros bound to macros, scopes, bindings over files: as gin reads them."""
+  (tmp_path / "run.gin").write_text(
+      "include 'base.gin'\nimport not_a_module\nA = %B\nscoped/C = 1\n"
+      "train.x = @not_registered()\n")
+  (tmp_path / "base.gin").write_text("B = %gin.REQUIRED\nC = %gin.REQUIRED\nD = None\n")
+  check = gin_setup.check_config
+  for required, bindings, unset in [(("A",), (), "A"), (("C",), (), "C"),
+                                    (("D",), (), "D"), (("E",), (), "E"),
+                                    (("A", "C"), ("B = 'b'",), "C")]:
+    with pytest.raises(gin_setup.ConfigError, match=f"required macro {unset} is not set"):
+      check(_args(tmp_path, "run.gin", bindings=bindings), required)
+  check(_args(tmp_path, "run.gin", bindings=["B = 'b'", "C = 0", "D = @x()"]),
+        ("A", "C", "D"))
+  # A run file's declared requirement counts where the run file declares it.
+  check(_args(tmp_path, "base.gin", bindings=["B = 1", "C = 1"]), ())
+  (tmp_path / "finetune.gin").write_text("INITIAL_CHECKPOINT_PATH = %gin.REQUIRED\n")
+  with pytest.raises(gin_setup.ConfigError, match="INITIAL_CHECKPOINT_PATH is not set"):
+    check(_args(tmp_path, "finetune.gin"), ())
+  # Syntax errors: the file and line; an include not found here is left to gin's parse.
+  (tmp_path / "bad.gin").write_text("A = 1\nB = [1,\n")
+  with pytest.raises(gin_setup.ConfigError, match="bad.gin ends inside a bracket"):
+    check(_args(tmp_path, "bad.gin"), ())
+  (tmp_path / "lost.gin").write_text("include 'nowhere.gin'\n")
+  check(_args(tmp_path, "lost.gin"), ("A",))
+
+
+def test_a_bad_export_command_prints_one_line():
+  """The export job imports TensorFlow with its configurables, after the start-up
+  silenced seqio's import: its C++ start-up lines must not come through either."""
+  result = subprocess.run(
+      [sys.executable, "-m", "ul2x.export", TINY, "--gin_file=gin_configs/runs/export.gin",
+       "--gin.CHECKPOINT_PATH='/nonexistent'", "--gin.EXPORT_DIR='/nonexistent/out'",
+       "--gin.export.format='onnx'"], capture_output=True, text=True, env=ENV, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      "error: export.format='onnx' is not one of ('hf', 'safetensors', 'serving'); set "
+      "--gin.export.format to one of them."], result.stderr
