@@ -44,6 +44,11 @@ def _task(name: str) -> seqio.Task:
   return provider
 
 
+def targets_vocabulary(name: str) -> seqio.Vocabulary:
+  """The vocabulary task `name`'s targets (and so its predictions) are written in."""
+  return _task(name).output_features["targets"].vocabulary
+
+
 def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int],
                   num_examples: int | None = None) -> list[Example]:
   """Task `name`'s preprocessed examples of `split` in order (one epoch, unshuffled,

@@ -316,3 +316,49 @@ def test_a_checkpoint_without_a_record_needs_the_model_gin_file(trained, tmp_pat
                          f"--gin.CHECKPOINT_PATH='{old}'", f"--gin.EXPORT_DIR='{tmp_path / 'hf'}'"),
                  "without a record of its vocabulary", "--gin.export.tokenizer")
   assert not (tmp_path / "none").exists() and not (tmp_path / "hf").exists()
+
+
+def test_infer_reads_and_writes_text_in_the_recorded_vocabulary(tmp_path):
+  """A checkpoint recorded with a SentencePiece vocabulary: infer encodes a prompts
+  file's text and decodes predictions with it, not with bytes (a fresh model suffices:
+  the CLI's scores and predictions equal infer's own functions over SentencePiece ids)."""
+  import dataclasses
+
+  import numpy as np
+  from ul2x.model import TransformerConfig
+  from ul2x.tasks import inference, vocabularies
+  from ul2x.tasks.train_vocab import train_vocab
+  from ul2x.trainer import infer as infer_job
+  from ul2x.trainer import record
+  from ul2x.trainer.checkpoints import Checkpointer
+  from ul2x.trainer.setup import setup
+
+  train_vocab(str(tmp_path / "spm"), 400)
+  vocab = vocabularies.sentencepiece_vocabulary(str(tmp_path / "spm.model"), 8)
+  cfg = dataclasses.replace(TransformerConfig(emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
+                                              num_encoder_layers=1, num_decoder_layers=1),
+                            vocab_size=vocab.vocab_size)
+  job = setup(cfg)
+  params = job.init_state()["params"]
+  ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), every=1, max_to_keep=1,
+                      async_save=False)
+  ckpt.maybe_save(1, {"step": np.int32(1), "params": params}, {"train_batches": 0}, final=True)
+  ckpt.close()
+  lengths = {"inputs": 16, "targets": 8}
+  record.write(str(tmp_path / "run"), cfg, vocabulary=vocab, task_feature_lengths=lengths)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"inputs": "the quick brown fox", "targets": "jumps"}) + "\n")
+  examples = inference.file_examples(str(prompts), vocabulary=vocab, task_feature_lengths=lengths)
+  for mode in ("score", "predict"):
+    out = tmp_path / mode
+    result = run_job("infer", "--gin_file=gin_configs/runs/infer.gin",
+                     f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'",
+                     f"--gin.INFER_OUTPUT_DIR='{out}'", f"--gin.INPUT_FILE='{prompts}'",
+                     f"--gin.infer.mode='{mode}'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row, = rows(out / f"prompts-{mode}-1.jsonl")
+    expected, = infer_job.run_examples(job, params, examples, mode=mode,
+                                       task_feature_lengths=lengths, batch_size=32)
+    assert row["score"] == pytest.approx(expected["score"], abs=1e-5)
+    if mode == "predict":
+      assert row["prediction"] == inference.decode(expected["prediction"], vocab)

@@ -47,7 +47,8 @@ class Evaluator:
       decoded = run_examples(self.job, params, examples, mode="predict", what=f"eval {task}",
                              task_feature_lengths=self.lengths, batch_size=self.batch_size,
                              max_decode_len=self.max_decode_len)
-      texts = [inference.decode(r["prediction"]) for r in decoded]
+      vocabulary = inference.targets_vocabulary(task)
+      texts = [inference.decode(r["prediction"], vocabulary) for r in decoded]
       _, values = inference.postprocess_and_evaluate(task, examples, texts, self.metric_fns)
       results.update({f"{task}/{k}": float(v) for k, v in values.items()})
     return results

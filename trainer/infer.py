@@ -239,15 +239,18 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict |
                        f"predict mode, not {model_config.architecture!r} in {mode!r} mode.")
     if mode_token == TRAINED_MODE_TOKEN:
       mode_token = trained_mode_token(checkpoint_path, step)
+    saved = record.read(checkpoint_path, step)  # its vocabulary; bytes for older runs
+    vocabulary = saved.seqio_vocabulary() if saved else None
     examples = inference.file_examples(input_file, mode_token=mode_token,
                                        task_feature_lengths=task_feature_lengths,
-                                       causal_prompt=causal_prompt)
+                                       causal_prompt=causal_prompt, vocabulary=vocabulary)
     name = os.path.splitext(os.path.basename(input_file))[0]
     if mode == "score" and any("targets" not in e for e in examples):
       raise ValueError(f"infer.mode='score' needs 'targets' on every line of {input_file}.")
   else:
     examples = inference.task_examples(mixture_or_task_name, split, task_feature_lengths,
                                        num_examples)
+    vocabulary = inference.targets_vocabulary(mixture_or_task_name)
     name = f"{mixture_or_task_name}-{split}"
   examples = examples[:num_examples] if num_examples else examples
   job = setup(model_config, mesh=mesh)
@@ -268,7 +271,7 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict |
     if "targets_pretokenized" in example:
       row["targets"] = example["targets_pretokenized"]
     if mode == "predict":
-      row["prediction"] = inference.decode(result["prediction"])
+      row["prediction"] = inference.decode(result["prediction"], vocabulary)
     row["score"] = result["score"]
     if example.get("truncated"):
       row["truncated"] = example["truncated"]
