@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ul2x import gin_setup  # noqa: E402
 
-REQUIRED = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME")
+REQUIRED = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR")
 
 
 def main(argv: list[str]) -> None:

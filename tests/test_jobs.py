@@ -87,8 +87,10 @@ def test_infer_decodes_the_trained_task_and_eval_agrees(trained, tmp_path):
   assert [r["step"] for r in evaluated] == [200, 400, STEPS]
   assert evaluated[-1]["ul2x_reverse/exact_match"] == pytest.approx(exact_match(greedy))
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
-  again = run_job("eval", *args)
-  assert again.returncode == 0 and "skipping steps [200, 400, 500]" in again.stdout
+  # The rerun names only the checkpoint: model, lengths and task come from its record.
+  again = run_job("eval", args[1], args[3], args[4])
+  assert again.returncode == 0 and "skipping steps [200, 400, 500]" in again.stdout, \
+      again.stderr[-2000:]
   assert len(rows(out / "metrics.jsonl")) == 3
 
   # Beam search (alpha 0: raw log-probabilities) finds sequences at least as likely.

@@ -72,7 +72,7 @@ def _steps(path: str, which) -> tuple[str, list[int]]:
 
 
 @gin.configurable
-def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str,
+def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str | None = None,
              task_feature_lengths: dict | None = None,
              model_config: TransformerConfig | None = None,
              split: str = "validation", batch_size: int = 32,
@@ -82,13 +82,15 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   `<output_dir>/<name>-<step>.json`, appends a row to `<output_dir>/metrics.jsonl` and
   TensorBoard scalars to `<output_dir>/`, each only after its checkpoint restored and
   was evaluated. `metrics` (names in `tasks.metrics.METRICS`) replaces the tasks' own
-  metric functions. Returns the new rows."""
+  metric functions. The task, the feature lengths and the model default to those the
+  checkpoint records. Returns the new rows."""
   from ul2x.trainer.metrics import MetricsWriter  # TensorBoard: TensorFlow
   if max_decode_len is not None and max_decode_len < 1:
     raise ValueError(f"evaluate.max_decode_len={max_decode_len} must be at least 1.")
   directory, steps = _steps(checkpoint_path, checkpoint_steps)
   model_config = record.model_config(checkpoint_path, model_config)
   task_feature_lengths = record.task_feature_lengths(checkpoint_path, task_feature_lengths)
+  mixture_or_task_name = record.task(checkpoint_path, mixture_or_task_name)
   job = setup(model_config, mesh=mesh)
   evaluator = Evaluator(job, mixture_or_task_name, split=split,
                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,

@@ -142,6 +142,17 @@ def model_config(checkpoint_path: str, given: TransformerConfig | None = None, *
   return dataclasses.replace(record.config, **bindings)
 
 
+def task(checkpoint_path: str, given: str | None, flag: str = "MIXTURE_OR_TASK_NAME") -> str:
+  """`given`, or by default the task or mixture the checkpoint was trained on."""
+  if given:
+    return given
+  record = read(checkpoint_path)
+  if record is None or not record.task:
+    raise ValueError(f"checkpoint {checkpoint_path!r} records no task; pass "
+                     f"--gin.{flag}=\"'my_task'\".")
+  return record.task
+
+
 def task_feature_lengths(checkpoint_path: str, given: dict | None,
                          flag: str = "TASK_FEATURE_LENGTHS") -> dict:
   """`given`, or by default the feature lengths the checkpoint was trained with."""
