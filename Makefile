@@ -64,7 +64,7 @@ cuda_plugin: $(CUDA_PLUGIN)
 
 test: $(STAMP) $(LIBTPU) $(CUDA_PLUGIN)
 	UL2X_LIBTPU_DIR=$(LIBTPU_DIR) UL2X_CUDA_PLUGIN_DIR=$(CUDA_PLUGIN_DIR) \
-	  $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+	  $(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 --durations=15 tests
 
 test312:
 	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 under ~/.pyenv/versions; pass PYTHON312=PATH." >&2; exit 2; }
