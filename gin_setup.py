@@ -1,4 +1,7 @@
-"""T5X-style gin flags shared by the CLI entry points (train, eval, infer, export)."""
+"""The shared CLI start-up of every job (train, infer, eval, lm_eval, export): T5X's flags,
+the gin config checked by gin's parser alone before the job's heavy imports (a missing
+file, a syntax error, a macro a run file declares `%gin.REQUIRED` and leaves unset), then
+loaded in full; configuration errors as one line and exit status 2."""
 
 import argparse
 import contextlib
@@ -75,10 +78,6 @@ def _find_gin_file(name: str, search: list[str]) -> str:
                     "add its directory to --gin_search_paths.")
 
 
-# Macros that a run file may declare `%gin.REQUIRED` beyond a job's own required ones.
-DECLARED_REQUIRED = ("INITIAL_CHECKPOINT_PATH",)
-
-
 def _gin_files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
   """(the paths of the --gin_file files, the directories searched for gin files)."""
   # User directories first, so their files shadow ours; then cwd, then the package.
@@ -89,17 +88,15 @@ def _gin_files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
   return [_find_gin_file(f, search) for f in args.gin_file], search
 
 
-def _check_required(macro_value, required_macros: tuple[str, ...]) -> None:
-  """Raises for the first required macro that is unset; `macro_value(name)` raises
-  KeyError for a macro that is not defined at all."""
-  for name in required_macros + DECLARED_REQUIRED:
-    try:
-      value = macro_value(name)
-    except KeyError:
-      if name in DECLARED_REQUIRED:
-        continue
-      value = None
-    if value is None or repr(value) == "%gin.REQUIRED":  # gin keeps REQUIRED as a reference
+_GIN_REQUIRED = "%gin.REQUIRED"  # a macro's value as gin's parser reads it, and as gin keeps it
+
+
+def _check_required(macro_value, required: list[str]) -> None:
+  """Raises for the first of the `required` macros that is unset (None, or left
+  `%gin.REQUIRED`): `macro_value(name)` is its value after every file and binding."""
+  for name in required:
+    value = macro_value(name)
+    if value is None or repr(value) == _GIN_REQUIRED:
       raise ConfigError(f"required macro {name} is not set; pass --gin.{name}=VALUE.")
 
 
@@ -120,38 +117,48 @@ class _TextOnly(config_parser.ParserDelegate):
     return _Reference(f"%{macro_name}")
 
 
-def _read_macros(path: str, search: list[str], macros: dict) -> bool:
-  """Adds the unscoped macros that the gin file `path` and its includes bind to `macros`;
-  False where an include is not found here (the full parse reports it)."""
-  with open(path) as f:
-    for statement in config_parser.ConfigParser(f, _TextOnly()):
-      if isinstance(statement, config_parser.IncludeStatement):
-        name = statement.filename
-        found = [p for p in ([name] if os.path.isabs(name) else
-                             [os.path.join(d, name) for d in [os.getcwd(), *search]])
-                 if os.path.isfile(p)]
-        if not found or not _read_macros(found[0], search, macros):
-          return False
-      elif isinstance(statement, config_parser.BindingStatement) and not (
-          statement.arg_name or statement.scope):
-        macros[statement.selector] = statement.value
+def _read_statements(statements, search: list[str], macros: dict, required: list) -> bool:
+  """Adds the unscoped macros that gin `statements` and their includes bind to `macros`
+  and those they declare `%gin.REQUIRED` to `required`; False where an include is not
+  found here (the full parse reports it)."""
+  for statement in statements:
+    if isinstance(statement, config_parser.IncludeStatement):
+      name = statement.filename
+      found = [p for p in ([name] if os.path.isabs(name) else
+                           [os.path.join(d, name) for d in [os.getcwd(), *search]])
+               if os.path.isfile(p)]
+      if not found or not _read_file(found[0], search, macros, required):
+        return False
+    elif isinstance(statement, config_parser.BindingStatement) and not (
+        statement.arg_name or statement.scope):
+      macros[statement.selector] = statement.value
+      if repr(statement.value) == _GIN_REQUIRED and statement.selector not in required:
+        required.append(statement.selector)
   return True
 
 
-def check_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
-  """What `load_config` refuses that gin's parser alone can tell, in a fraction of a
-  second, before a job imports TensorFlow and seqio (which the configurables of the full
-  parse need): a missing gin file, a syntax error, an unset required macro."""
+def _read_file(path: str, search: list[str], macros: dict, required: list) -> bool:
+  """`_read_statements` of the gin file `path`; a syntax error in it as a ConfigError."""
+  try:
+    with open(path) as f:
+      return _read_statements(config_parser.ConfigParser(f, _TextOnly()), search, macros,
+                              required)
+  except tokenize.TokenError as e:
+    raise ConfigError(f"gin: {path} ends inside a bracket or string; close it.") from e
+  except SyntaxError as e:
+    raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
+
+
+def _read_config(args: argparse.Namespace) -> tuple[dict, list[str]] | None:
+  """(the unscoped macros the gin files and bindings bind, as text; the macros they
+  declare `%gin.REQUIRED`, in that order), read by gin's parser alone; None where an
+  include is not found here. Raises ConfigError for a missing file or a syntax error."""
   files, search = _gin_files(args)
-  macros = {}
+  macros, required = {}, []
   for path in files:
-    try:
-      if not _read_macros(path, search, macros):
-        return
-    except tokenize.TokenError as e:
-      raise ConfigError(f"gin: {path} ends inside a bracket or string; close it.") from e
-    except SyntaxError as e:
-      raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
+    if not _read_file(path, search, macros, required):
+      return None
+  bindings = []
   for binding in args.gin_bindings:
     try:
       statements = list(config_parser.ConfigParser(binding, _TextOnly()))
@@ -161,12 +168,21 @@ def check_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()
       reason = reason[max(reason.find("Failed to parse"), 0):]  # not an ast node's repr
       raise ConfigError(f"gin: cannot parse the binding {binding!r} ({reason}); check its "
                         "quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".") from e
-    for statement in statements:
-      if isinstance(statement, config_parser.IncludeStatement):
-        return  # an include among the bindings: the full parse reads it
-      if isinstance(statement, config_parser.BindingStatement) and not (
-          statement.arg_name or statement.scope):
-        macros[statement.selector] = statement.value
+    bindings += statements
+  if not _read_statements(bindings, search, macros, required):
+    return None
+  return macros, required
+
+
+def check_config(args: argparse.Namespace) -> None:
+  """What `load_config` refuses that gin's parser alone can tell, in a fraction of a
+  second, before a job imports TensorFlow and seqio (which the configurables of the full
+  parse need): a missing gin file, a syntax error, a macro that a file declares
+  `%gin.REQUIRED` and no later file or binding sets."""
+  read = _read_config(args)
+  if read is None:
+    return
+  macros, required = read
 
   def macro_value(name):
     value = macros[name]
@@ -176,12 +192,12 @@ def check_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()
       value = macros[value[1:]]
     return value
 
-  _check_required(macro_value, required_macros)
+  _check_required(macro_value, required)
 
 
-def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ()) -> None:
-  """Parses gin files and bindings; fails if a required macro has no value (or one of
-  `DECLARED_REQUIRED` is declared required by a run file and left unset)."""
+def load_config(args: argparse.Namespace) -> None:
+  """Parses gin files and bindings; fails if a macro a file declares `%gin.REQUIRED` has
+  no value after them all."""
   files, search = _gin_files(args)
   for path in search:
     gin.add_config_file_search_path(path)
@@ -193,28 +209,24 @@ def load_config(args: argparse.Namespace, required_macros: tuple[str, ...] = ())
   except (ValueError, KeyError, IOError, SyntaxError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
 
-  def macro_value(name):
-    try:
-      return gin.query_parameter(f"%{name}")
-    except ValueError:  # the macro is not defined at all
-      raise KeyError(name) from None
-
-  _check_required(macro_value, required_macros)
+  read = _read_config(args)  # the declarations, of which gin keeps no trace
+  if read is not None:
+    _check_required(lambda name: gin.query_parameter(f"%{name}"), read[1])
   try:
     gin.finalize()
   except (ValueError, KeyError) as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
 
 
-def start_job(argv: list[str], description: str, required_macros: tuple[str, ...],
-              configurables: str, *, tasks: bool = True,
+def start_job(argv: list[str], description: str, configurables: str, *, tasks: bool = True,
               add_flags=None) -> argparse.Namespace:
   """What every CLI job does before its work: parse the flags, start multi-host JAX,
   register the default seqio tasks (with the TFDS directory) when the job reads data,
-  import the module `configurables` that defines the job's gin configurables, and load
+  import the module `configurables`, whose imports register every gin configurable the
+  job binds or imports (gin refuses one registered once the config is loaded), and load
   the gin config. `add_flags(parser)` adds the job's own flags."""
   args = parse_flags(argv, description, add_flags)
-  check_config(args, required_macros)  # seconds before the imports below would
+  check_config(args)  # seconds before the imports below would
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index, timeout_s=args.distributed_timeout,
@@ -230,8 +242,22 @@ def start_job(argv: list[str], description: str, required_macros: tuple[str, ...
       seqio.set_tfds_data_dir_override(args.tfds_data_dir)
   with _stderr_silenced(args.verbosity == 0):  # the export job's modules import TensorFlow
     importlib.import_module(configurables)
-  load_config(args, required_macros)
+  load_config(args)
   return args
+
+
+def run_job(job, argv: list[str], description: str, configurables: str, *,
+            name: str | None = None):
+  """The CLI of a job whose function `job` its job module defines (infer, eval, lm_eval):
+  `start_job`, then `job` as gin configures it (its bindings under `name`, default its
+  own) -> what it returns. `job` is registered with gin here, before the config is
+  parsed, as T5X's train.py does in main, not by a decorator: `python -m ul2x.infer` runs
+  the job module as `__main__`, and a decorator would register the function again
+  wherever the module is imported by name, making `infer.*` bindings ambiguous.
+  Registering the same function again (each `main(argv)` in one process) is allowed."""
+  configured = gin.configurable(name or job.__name__)(job)
+  start_job(argv, description, configurables)
+  return configured()
 
 
 # seqio's advice to cache tasks, once per member task: it does not apply to the

@@ -7,7 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ul2x import gin_setup  # noqa: E402
 
-REQUIRED = ("MODEL_DIR", "TRAIN_STEPS", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")
 DRY_RUN_ONLY = ("device_memory_gib", "peak_tflops", "dry_run_topology")
 
 
@@ -29,7 +28,7 @@ def add_dry_run_flags(parser) -> None:
 
 
 def main(argv: list[str]) -> None:
-  args = gin_setup.start_job(argv, "Train a ul2x model.", REQUIRED, "ul2x.trainer.loop",
+  args = gin_setup.start_job(argv, "Train a ul2x model.", "ul2x.trainer.loop",
                              add_flags=add_dry_run_flags)
   from ul2x.trainer import loop
   if not args.dry_run:

@@ -22,12 +22,10 @@ import sys
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))
-import accelerator_compile  # noqa: E402  (compiles one flash test case)
-import test_flash_attention as t  # noqa: E402  (its cases)
-from ul2x.kernels import flash_attention as flash  # noqa: E402
-from ul2x.kernels.flash_kernels import BlockSizes  # noqa: E402
-from ul2x.partitioning.topologies import topology_devices  # noqa: E402
+from ul2x.kernels import flash_attention as flash
+from ul2x.kernels.flash_kernels import BlockSizes
+from ul2x.model.kernel_cases import CASES, compile_flash
+from ul2x.partitioning.topologies import topology_devices
 
 PTXAS = pathlib.Path(__file__).parents[1] / ".cuda_plugin/nvidia/cu13/bin/ptxas"
 CHOICES = [  # (q, kv, q_bwd, kv_bwd), num_warps
@@ -37,9 +35,9 @@ CHOICES = [  # (q, kv, q_bwd, kv_bwd), num_warps
 
 def compile_case(device, dtype: str, head_dim: int, bias: bool, blocks, warps: int):
   flash.NUM_WARPS = warps
-  case = dataclasses.replace(t.CASES["causal-bias-packed"], dtype=dtype, head_dim=head_dim,
+  case = dataclasses.replace(CASES["causal-bias-packed"], dtype=dtype, head_dim=head_dim,
                              bias=bias, q_len=2048, kv_len=2048, batch=1)
-  accelerator_compile.compile_case(device, case, BlockSizes(*blocks))
+  compile_flash(device, case, BlockSizes(*blocks))
 
 
 def kernel_stats(ptx_files, gpu_name: str) -> dict:

@@ -7,12 +7,14 @@ alternatives that jax ships, where the installed jax has them: ragged_dot with
 `jax_ragged_dot_use_gpu_pallas_triton_lowering`, and the Hopper Mosaic GPU kernels of
 `jax.experimental.pallas.ops.gpu` (forward and dX `ragged_dot_mgpu`, dW
 `transposed_ragged_dot_mgpu`; untuned blocks). One JSON line per case on stderr, then the whole
-result on stdout. Imports only kernels/.
+result on stdout. Imports only kernels/, partitioning/ and model/ (the choice of grouped
+matmul, model/moe.py; the cases it shares with the tests, model/kernel_cases.py).
 
-On the GPU machine, from the repository root (no other wheels needed):
+On the GPU machine (gin-config installed in /tmp/site as for bench/mfu.py), from the
+repository root:
 
   mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ul2x
-  PYTHONPATH=/tmp/pkg python3 bench/grouped_matmul.py
+  PYTHONPATH=/tmp/pkg:/tmp/site python3 bench/grouped_matmul.py
 
 Compile only, for a TPU or GPU from any machine (`make libtpu` / `make cuda_plugin`): the
 dense products over all groups that XLA compiles (ragged_dot's dW on TPU; everything on
@@ -37,20 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ul2x.kernels.grouped_matmul import GROUPED_MATMULS, select_grouped_matmul
-from ul2x.partitioning.topologies import lowering_platform, topology_devices
-
-
-def group_sizes(rows: int, groups: int, skew: float, seed: int = 0):
-  """`rows` split over `groups`: evenly (skew 0), or with expert weights from a
-  Dirichlet of concentration 1/skew; every row in some group."""
-  if skew == 0:
-    weights = np.full(groups, 1 / groups)
-  else:
-    weights = np.random.default_rng(seed).dirichlet(np.full(groups, 1 / skew))
-  sizes = np.floor(weights * rows).astype(np.int32)
-  sizes[np.argmax(sizes)] += rows - sizes.sum()
-  return jnp.asarray(sizes)
+from ul2x.model.kernel_cases import compile_grouped_matmul, group_sizes
+from ul2x.model.moe import GROUPED_MATMULS, select_grouped_matmul
+from ul2x.partitioning.topologies import topology_devices
 
 
 def _mosaic_gpu_matmul():
@@ -100,7 +91,7 @@ def run_case(impl: str, matmul, rows: int, k: int, n: int, groups: int, skew: fl
              steps: int) -> dict:
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
-  w = jax.random.normal(keys[1], (groups, k, n), jnp.bfloat16) / np.sqrt(k)
+  w = jax.random.normal(keys[1], (groups, k, n), jnp.bfloat16) / jnp.bfloat16(np.sqrt(k))
   sizes = group_sizes(rows, groups, skew)
   loss = lambda x, w: jnp.sum(matmul(x, w, sizes).astype(jnp.float32) ** 2)
   forward = jax.jit(lambda x, w: matmul(x, w, sizes))
@@ -111,30 +102,6 @@ def run_case(impl: str, matmul, rows: int, k: int, n: int, groups: int, skew: fl
           "largest_group": int(jnp.max(sizes)), "forward_ms": fwd_s * 1e3,
           "forward_tflops": flops / fwd_s / 1e12, "train_ms": train_s * 1e3,
           "train_tflops": 3 * flops / train_s / 1e12}
-
-
-def compile_case(impl: str, matmul, device, rows: int, k: int, n: int, groups: int,
-                 skew: float) -> dict:
-  """Compiles forward+backward for a compile-only `device` (a TPU topology's or a GPU
-  target's, partitioning/topologies.py): XLA's FLOPs over the dense count (TPU; XLA:GPU
-  gives none), the dense [G, K, N] products, the Pallas dW kernels, temporaries."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
-          for shape in ((rows, k), (groups, k, n))]
-  sizes = group_sizes(rows, groups, skew)
-  loss = lambda x, w: jnp.sum(matmul(x, w, sizes).astype(jnp.float32) ** 2)
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
-      lowering_platforms=(lowering_platform(device),)).compile()
-  lines = compiled.as_text().splitlines()
-  flops = (compiled.cost_analysis() or {}).get("flops")
-  dense = f" = bf16[{groups},{k},{n}]"
-  return {"impl": impl, "rows": rows, "k": k, "n": n, "groups": groups, "skew": skew,
-          "xla_flops_over_dense": flops and flops / (6 * rows * k * n),
-          "dense_group_products": sum(dense in line and "custom-call(" not in line and (
-              "convolution" in line or "dot" in line) for line in lines),
-          "dw_kernels": sum("grouped_matmul_weight_grad" in line and "custom-call(" in line
-                            for line in lines),
-          "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20}
 
 
 def main():
@@ -167,7 +134,8 @@ def main():
           try:
             for name, value in flags.items():
               jax.config.update(name, value)
-            rows[impl] = (compile_case(impl, matmul, device, args.rows, k, n, groups, skew)
+            rows[impl] = (compile_grouped_matmul(impl, matmul, device, args.rows, k, n, groups,
+                                                 skew)
                           if device else
                           run_case(impl, matmul, args.rows, k, n, groups, skew, args.steps))
           except Exception as error:  # a kernel that fails to compile here: keep going

@@ -41,7 +41,7 @@ from ul2x import partitioning
 from ul2x.partitioning import topologies
 from ul2x.model import TransformerConfig
 from ul2x.model.flops import tokens_per_example, training_flops_per_example
-from ul2x.trainer.metrics import peak_flops_per_device
+from ul2x.trainer.reporting import peak_flops_per_device
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 

@@ -1,7 +1,7 @@
 """Times the train step of a fixed small encoder-decoder and prints JSON.
 
 MFU is achieved FLOP/s (analytic count, model/flops.py) over the per-device
-matmul rate measured in the same run (trainer/metrics.py), so figures from
+matmul rate measured in the same run (trainer/reporting.py), so figures from
 noisy machines stay comparable. Run on 8 simulated CPU devices:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
@@ -16,7 +16,7 @@ import jax
 
 from mfu import run  # bench/mfu.py: the same timing of the same train step
 from ul2x.model import TransformerConfig
-from ul2x.trainer.metrics import measured_matmul_flops, peak_flops_per_device
+from ul2x.trainer.reporting import measured_matmul_flops, peak_flops_per_device
 
 CONFIG = TransformerConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
                            num_encoder_layers=2, num_decoder_layers=2)

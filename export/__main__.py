@@ -10,12 +10,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ul2x import gin_setup  # noqa: E402
 
-REQUIRED = ("CHECKPOINT_PATH", "EXPORT_DIR")
-
 
 def main(argv: list[str]) -> None:
   gin_setup.start_job(argv, "Export a ul2x checkpoint to Hugging Face or safetensors.",
-                      REQUIRED, "ul2x.export.job", tasks=False)
+                      "ul2x.export.job", tasks=False)
   from ul2x.export import job
   job.export()
 

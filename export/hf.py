@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ul2x.trainer.checkpoints import flat_names
+from ul2x.partitioning.param_names import flat_names
 
 
 class Transform(NamedTuple):

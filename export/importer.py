@@ -7,10 +7,11 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from ul2x.export import files, hf, mappings
 from ul2x.model import TransformerConfig, build_model
+from ul2x.partitioning.param_names import flat_names, path_name
 from ul2x.trainer import record
 from ul2x.trainer.checkpoints import Checkpointer
 
@@ -48,11 +49,10 @@ def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> Transf
   family = mappings.family_of(config, hf_dir)
   files.check_target(model_dir, overwrite, *_FLAGS)  # before reading the weights
   cfg, tensors = family.from_hf(config, lambda: files.read_directory(hf_dir))
-  abstract = traverse_util.flatten_dict(_abstract_params(cfg))
-  shapes = {"/".join(map(str, path)): leaf.shape for path, leaf in abstract.items()}
+  abstract = _abstract_params(cfg)
+  shapes = {name: leaf.shape for name, leaf in flat_names(abstract).items()}
   flat = hf.from_hf(tensors, family.rules(cfg), shapes, family.name)
-  params = traverse_util.unflatten_dict(
-      {path: flat["/".join(map(str, path))] for path in abstract})
+  params = jax.tree_util.tree_map_with_path(lambda path, _: flat[path_name(path)], abstract)
   with files.staged_directory(model_dir, overwrite, *_FLAGS) as staging:
     ckpt = Checkpointer(os.path.join(staging, "checkpoints"), every=1, max_to_keep=1,
                         async_save=False)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from ul2x.export import files, hf, mappings
 from ul2x.export import tokenizer as tokenizer_files
 from ul2x.model import TransformerConfig
+from ul2x.partitioning.param_names import flat_names
 # Registers make_predict_fn, which the serving format calls, before the CLI locks gin.
 from ul2x.trainer import predict  # noqa: F401
 from ul2x.trainer import record
-from ul2x.trainer.checkpoints import flat_names
 from ul2x.trainer.console import say
 from ul2x.trainer.setup import setup
 

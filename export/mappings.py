@@ -10,8 +10,8 @@ import numpy as np
 
 from ul2x.export.hf import COPY, Rule, linear, scaled
 from ul2x.model import TransformerConfig
+from ul2x.model.layers import NORM_EPS
 
-NORM_EPS = 1e-6  # ul2x's RMSNorm epsilon (model/layers.py), fixed
 T5_TOKENS = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
 # Decoder-only ul2x inputs start with id 0 (seqio shifts the targets right), so 0 is BOS.
 LLAMA_TOKENS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}

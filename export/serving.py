@@ -21,7 +21,8 @@ PARAMS = "params.npz"
 FUNCTIONS = {"greedy": "greedy.jax_exported", "sample": "sample.jax_exported"}
 SAVED_MODEL = "saved_model"
 EOS_ID = 1  # both ul2x vocabularies' EOS (tasks/vocabularies.py)
-# tasks.vocabularies.PARADIGM_TOKENS, spelled out: importing it would import TensorFlow.
+# tasks.vocabularies.PARADIGM_TOKENS, spelled out (tests/test_serving.py holds the two
+# equal): the loader imports no other ul2x module, and vocabularies imports TensorFlow.
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 
 
@@ -45,7 +46,8 @@ def export_serving(job, params, directory: str, *, inputs_len: int, max_decode_l
   ('[NLU]', '[NLG]', '[S2S]' or None).
   """
   _check_arguments(directory, inputs_len, mode_token, saved_model, batch_size, job.cfg)
-  flat = {name: np.asarray(leaf) for name, leaf in _flat_names(jax.device_get(params)).items()}
+  from ul2x.partitioning.param_names import flat_names  # here: the loader imports no ul2x
+  flat = {name: np.asarray(leaf) for name, leaf in flat_names(jax.device_get(params)).items()}
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   fns = _serving_fns(_single_device(job), jax.tree.structure(params), list(flat),
                      max_decode_len=max_decode_len, sampling=sampling)
@@ -122,33 +124,11 @@ def _single_device(job):
   return setup(job.cfg, mesh=mesh, rules=job.rules)
 
 
-def _flat_names(tree) -> dict:
-  """{'encoder/layers/0/mlp/wi_0/kernel': leaf} in the order jax flattens `tree`:
-  jax.export serializes only string-keyed dicts, and ul2x's layer lists have int keys."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in leaves}
-
-
-def prompt_batch(architecture: str, input_ids):
-  """input_ids int32 [b, inputs_len] -> the batch `model.init_decoding` takes, as
-  tasks.inference.predict_batches lays out a row: encoder_decoder
-  {'encoder_input_tokens': input_ids}; decoder_only, a prefix LM over the P non-zero ids,
-  each [b, 1 + inputs_len]: `decoder_input_tokens` [0, ids...], `decoder_segment_ids` and
-  `decoder_causal_attention` 1 on the first P + 1 positions."""
-  if architecture == "encoder_decoder":
-    return {"encoder_input_tokens": input_ids}
-  tokens = jnp.concatenate([jnp.zeros_like(input_ids[:, :1]), input_ids], axis=1)
-  prompt_len = jnp.sum((input_ids != 0).astype(jnp.int32), axis=1)
-  prompt = (jnp.arange(tokens.shape[1])[None, :] <= prompt_len[:, None]).astype(jnp.int32)
-  return {"decoder_input_tokens": tokens, "decoder_segment_ids": prompt,
-          "decoder_causal_attention": prompt}
-
-
 def _serving_fns(job, treedef, names: list[str], *, max_decode_len: int,
                  sampling: dict) -> dict:
   """{'greedy': jitted (flat params, input_ids) -> (ids, scores), 'sample': jitted
   (flat params, input_ids, seed) -> (ids, scores)}: `make_predict_fn`'s decoding."""
+  from ul2x.model.contract import prompt_features
   from ul2x.trainer.predict import make_predict_fn
   common = dict(max_decode_len=max_decode_len, eos_id=EOS_ID, cached=True)
   greedy = make_predict_fn(job, method="greedy", **common)
@@ -159,10 +139,10 @@ def _serving_fns(job, treedef, names: list[str], *, max_decode_len: int,
     return jax.tree.unflatten(treedef, [flat[name] for name in names])
 
   def serve_greedy(params, input_ids):
-    return greedy(nested(params), prompt_batch(architecture, input_ids), None)
+    return greedy(nested(params), prompt_features(architecture, input_ids), None)
 
   def serve_sample(params, input_ids, seed):
-    return sample(nested(params), prompt_batch(architecture, input_ids),
+    return sample(nested(params), prompt_features(architecture, input_ids),
                   jax.random.key(seed))
 
   return {"greedy": jax.jit(serve_greedy), "sample": jax.jit(serve_sample)}

@@ -26,9 +26,9 @@ from jax.experimental import pallas as pl
 
 from ul2x.kernels import flash_kernels as kernels
 from ul2x.kernels import flash_tpu
-from ul2x.kernels.flash_kernels import SQ, BlockSizes, out_shapes, pad, padded, token_arrays
 from ul2x.kernels.attention_inputs import Tokens
-from ul2x.kernels.ring_attention import sum_unvarying, vary_like
+from ul2x.kernels.flash_kernels import SQ, BlockSizes, pad, token_arrays
+from ul2x.kernels.utils import fit, out_shapes, padded, sum_unvarying, triton_params, vary_like
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MIN_TPU_BLOCK = flash_tpu.LANES  # key tiles are lane-dimension blocks on TPU
@@ -88,7 +88,7 @@ def _forward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, out_dtype=None):
       out_specs=[rows(bq), pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, i))],
       out_shape=out_shapes(args, ((b, lq_p, h, d), out_dtype or q.dtype),
                            ((b, h, lq_p), jnp.float32)),
-      interpret=st.interpret, compiler_params=kernels.triton_params(st.interpret, NUM_WARPS),
+      interpret=st.interpret, compiler_params=triton_params(st.interpret, NUM_WARPS),
       name="flash_attention_forward")(*args)
   return out[:, :lq], lse[:, :, :lq]
 
@@ -108,7 +108,7 @@ def _backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dou
   table = [] if table is None else [_table(table)]
   args = [q, k, v, dout, lse, delta, *qtoks, *ktoks, *table]
   args = vary_like(args, *args)
-  has_table, params = bool(table), kernels.triton_params(st.interpret, NUM_WARPS)
+  has_table, params = bool(table), triton_params(st.interpret, NUM_WARPS)
   dtype = lambda x: grad_dtype or x.dtype
 
   # dK, dV: grid over key/value heads; each reads the queries of its whole group.
@@ -212,7 +212,6 @@ def _static(q, k, v, *, causal, q_prefix, kv_prefix, bias_table, bucket_fn, scal
   if any(n < smallest or n & (n - 1) for n in dataclasses.astuple(blocks)):
     raise ValueError(f"flash_attention's {platform!r} block sizes must be powers of two "
                      f">= {smallest}; got {blocks}.")
-  fit = kernels.fit
   blocks = BlockSizes(fit(blocks.q, lq, smallest), fit(blocks.kv, lk, smallest),
                       fit(blocks.q_bwd, lq, smallest), fit(blocks.kv_bwd, lk, smallest))
   return kernels.Config(bool(causal), bool(causal) and q_prefix is not None, float(scale),

@@ -4,19 +4,20 @@ with the mask of kernels/attention_inputs.py's `visible` and the bucketed relati
 bias computed per tile. Written with operations that lower on Triton and in the
 interpreter: 2-D dots, elementwise math, reductions, `fori_loop` and `cond`. Also
 what both kernel families share (the TPU kernels are in kernels/flash_tpu.py): the
-static `Config` and `BlockSizes`, padding and per-token inputs, output shapes inside
-shard_map, the per-tile visibility bound `may_see`, and the kernels' ref layout."""
+static `Config` and `BlockSizes`, padding and per-token inputs, the per-tile
+visibility bound `may_see`, and the kernels' ref layout. Tile arithmetic, dots and
+output shapes are kernels/utils.py's."""
 
 import dataclasses
 import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from ul2x.kernels.attention_inputs import Tokens, visible
+from ul2x.kernels.utils import dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,26 +48,6 @@ class Config:
 SQ = getattr(pl, "squeezed", None)  # a block dimension dropped in the kernel (None before)
 
 
-def padded(length: int, *blocks: int) -> int:
-  """`length` rounded up to the largest of `blocks`."""
-  step = max(blocks)
-  return -(-length // step) * step
-
-
-def fit(block: int, length: int, smallest: int) -> int:
-  """`block`, shrunk for a short `length` to its next power of two, at least `smallest`."""
-  return min(block, max(smallest, pl.next_power_of_2(length)))
-
-
-def triton_params(interpret: bool, num_warps: int):
-  """Pallas' Triton parameters, None in interpret mode. Without them jax >= 0.10 lowers
-  pallas_call on GPU with Mosaic GPU, which these kernels are not written for."""
-  if interpret:
-    return None
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
-
-
 def pad(x, length: int, axis: int = 1):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, length - x.shape[axis])
@@ -77,23 +58,6 @@ def token_arrays(st: Config, tok: Tokens, length: int):
   """The kernels' per-token inputs, int32 [batch, length]; padding gets segment 0."""
   arrays = tok[:3] if st.prefix else tok[:2]
   return [pad(x.astype(jnp.int32), length) for x in arrays]
-
-
-def out_shapes(args, *shapes):
-  """ShapeDtypeStructs of (shape, dtype) pairs, varying over the manual mesh axes of
-  any of `args` (inside shard_map, where the arguments are cast to vary alike). Inside
-  shard_map they always carry that type, also when it varies over nothing (inputs
-  replicated, e.g. over mesh axes of size 1): pallas_call requires it there."""
-  mat = getattr(jax.typeof(args[0]), "mat", None)
-  inside = bool(jax.sharding.get_abstract_mesh().manual_axes)
-  kw = dict(manual_axis_type=mat) if mat is not None and inside else {}
-  return [jax.ShapeDtypeStruct(shape, dtype, **kw) for shape, dtype in shapes]
-
-
-def dot(a, b, contract=(1, 1)):
-  """a . b over dims `contract` (default a @ b.T), accumulated in float32."""
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def read_tokens(refs, index) -> Tokens:

@@ -27,7 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ul2x.kernels import flash_kernels as kernels
 from ul2x.kernels.attention_inputs import Tokens, visible
-from ul2x.kernels.ring_attention import vary_like
+from ul2x.kernels.utils import dot, out_shapes, padded, vary_like
 
 LANES = 128  # key tiles and the bias-gradient row are multiples of the vector width
 SUBLANES = 8
@@ -56,7 +56,7 @@ def _logits(st: kernels.Config, q, k, qtok, ktok, table_ref, head):
   buckets that visible pairs hold (lo, hi), else (None, None)."""
   qt, kt = _tile_tokens(qtok, ktok)
   mask = visible(qt, kt, st.causal, outer=False)
-  s = kernels.dot(q, k)
+  s = dot(q, k)
   if st.scale != 1.0:
     s = s * st.scale
   buckets = span = None
@@ -110,7 +110,7 @@ def _forward_kernel(plan_ref, *refs, st, has_table, grid):
     p = jnp.exp(s - m_safe)
     correction = jnp.exp(m - m_safe)
     l_sc[...] = l_sc[...] * correction + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * correction + kernels.dot(p.astype(v.dtype), v, (1, 0))
+    acc_sc[...] = acc_sc[...] * correction + dot(p.astype(v.dtype), v, (1, 0))
     m_sc[...] = m_new
 
   @pl.when(j == grid[-1] - 1)
@@ -141,11 +141,11 @@ def _dkdv_kernel(plan_ref, *refs, st, has_table, grid):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     s, _, _ = _logits(st, q, k, qtok, ktok, table_ref, hk * st.group + lax.div(t, num_q))
     p = _probabilities(s, lse_ref[...])
-    ds = p * (kernels.dot(do, v) - _column(delta_ref[...]))
+    ds = p * (dot(do, v) - _column(delta_ref[...]))
     if st.scale != 1.0:
       ds = ds * st.scale
-    dv_sc[...] += kernels.dot(p.astype(do.dtype), do, (0, 0))
-    dk_sc[...] += kernels.dot(ds.astype(q.dtype), q, (0, 0))
+    dv_sc[...] += dot(p.astype(do.dtype), do, (0, 0))
+    dk_sc[...] += dot(ds.astype(q.dtype), q, (0, 0))
 
   @pl.when(t == st.group * num_q - 1)
   def _():
@@ -171,12 +171,12 @@ def _dq_kernel(plan_ref, *refs, st, has_table, grid):
   def _():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     s, buckets, span = _logits(st, q, k, qtok, ktok, table_ref, h)
-    ds = _probabilities(s, lse_ref[...]) * (kernels.dot(do, v) - _column(delta_ref[...]))
+    ds = _probabilities(s, lse_ref[...]) * (dot(do, v) - _column(delta_ref[...]))
     if has_table:
       dtable_sc[...] = _bucket_sums(ds, buckets, span, dtable_sc[...])
     if st.scale != 1.0:
       ds = ds * st.scale
-    dq_sc[...] += kernels.dot(ds.astype(k.dtype), k, (1, 0))
+    dq_sc[...] += dot(ds.astype(k.dtype), k, (1, 0))
 
   @pl.when(j == grid[-1] - 1)
   def _():
@@ -249,8 +249,8 @@ def _in_batches(fn, batch: int, tiles: int, args, summed=()):
 def forward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, out_dtype=None):
   """(out [b, q_len, heads, d] in out_dtype or q's, lse [b, heads, q_len] float32)."""
   (b, lq, h, d), lk = q.shape, k.shape[1]
-  lq_p = kernels.padded(lq, st.blocks.q, st.blocks.q_bwd)
-  lk_p = kernels.padded(lk, st.blocks.kv, st.blocks.kv_bwd)
+  lq_p = padded(lq, st.blocks.q, st.blocks.q_bwd)
+  lk_p = padded(lk, st.blocks.kv, st.blocks.kv_bwd)
   tiles = (lq_p // st.blocks.q) * (lk_p // st.blocks.kv)
   return _in_batches(functools.partial(_forward, st, table, out_dtype, lq_p, lk_p), b, tiles,
                      (q, k, v, q_tok, kv_tok))
@@ -283,8 +283,8 @@ def _forward(st, table, out_dtype, lq_p, lk_p, q, k, v, q_tok, kv_tok):
                       pltpu.VMEM((bq, d), jnp.float32)])
   out, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
-      out_shape=kernels.out_shapes(args, ((b, h, lq_p, d), out_dtype or q.dtype),
-                                   ((b, h, 1, lq_p), jnp.float32)),
+      out_shape=out_shapes(args, ((b, h, lq_p, d), out_dtype or q.dtype),
+                           ((b, h, 1, lq_p), jnp.float32)),
       compiler_params=_params(st, "parallel", "parallel", "parallel", "arbitrary"),
       interpret=st.interpret, name="flash_attention_forward_tpu")(*args)
   return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, 0, :lq]
@@ -295,8 +295,8 @@ def backward(st: kernels.Config, q, k, v, q_tok, kv_tok, table, lse, delta, dout
   """(dq, dk, dv in grad_dtype or their inputs' dtypes, dtable float32 or None), given
   the forward's lse and delta = sum(out * dout, -1), both [b, heads, q_len]."""
   (b, lq), lk = q.shape[:2], k.shape[1]
-  lq_p = kernels.padded(lq, st.blocks.q_bwd, st.blocks.q)
-  lk_p = kernels.padded(lk, st.blocks.kv_bwd, st.blocks.kv)
+  lq_p = padded(lq, st.blocks.q_bwd, st.blocks.q)
+  lk_p = padded(lk, st.blocks.kv_bwd, st.blocks.kv)
   tiles = (lq_p // st.blocks.q_bwd) * (lk_p // st.blocks.kv_bwd)
   return _in_batches(functools.partial(_backward, st, table, grad_dtype, lq_p, lk_p), b,
                      tiles, (q, k, v, q_tok, kv_tok, lse, delta, dout), summed=(3,))
@@ -338,8 +338,8 @@ def _backward(st, table, grad_dtype, lq_p, lk_p, q, k, v, q_tok, kv_tok, lse, de
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=grid, in_specs=specs, out_specs=[kv_rows, kv_rows],
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2),
-      out_shape=kernels.out_shapes(args, ((b, hk, lk_p, d), dtype(k)),
-                                   ((b, hk, lk_p, d), dtype(v))),
+      out_shape=out_shapes(args, ((b, hk, lk_p, d), dtype(k)),
+                           ((b, hk, lk_p, d), dtype(v))),
       compiler_params=semantics, interpret=st.interpret,
       name="flash_attention_dkdv_tpu")(q_plan, *args)
 
@@ -366,7 +366,7 @@ def _backward(st, table, grad_dtype, lq_p, lk_p, q, k, v, q_tok, kv_tok, lse, de
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=grid, in_specs=specs, out_specs=out_specs,
           scratch_shapes=scratch),
-      out_shape=kernels.out_shapes(args, *out_shape), compiler_params=semantics,
+      out_shape=out_shapes(args, *out_shape), compiler_params=semantics,
       interpret=st.interpret, name="flash_attention_dq_tpu")(kv_plan, *args)
   dtable = dtable[0].sum(axis=(0, 2, 3)) if has_table else None
   unmajor = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)

@@ -7,17 +7,14 @@ value outside [0, num_experts) for an expert this shard does not hold, or none) 
 `weight` [T, k] (that expert's weight in the token's output). Choice j of token t is
 row t * k + j of the flattened choices. No capacity: every choice of a local expert is
 computed, however many go to one expert.
-"""
 
-import functools
-import logging
+`grouped_matmul` here is the reference twin of the Pallas grouped matmuls
+(kernels/grouped_matmul_pallas.py, kernels/grouped_matmul_tpu.py); model/moe.py's
+`select_grouped_matmul` picks one of them by `moe_matmul` and platform.
+"""
 
 import jax
 import jax.numpy as jnp
-
-from ul2x.kernels import grouped_matmul_pallas
-
-GROUPED_MATMULS = ("ragged_dot", "pallas")  # TransformerConfig.moe_matmul
 
 
 def sort_by_expert(expert, num_experts: int):
@@ -53,36 +50,6 @@ def grouped_matmul(x, w, group_sizes):
   y = jax.lax.ragged_dot(x, w, group_sizes)
   rows = jnp.arange(x.shape[0], dtype=group_sizes.dtype)
   return jnp.where((rows < jnp.sum(group_sizes))[:, None], y, jnp.zeros((), y.dtype))
-
-
-def select_grouped_matmul(impl: str, platform: str, interpret: bool = False):
-  """The grouped matmul `impl` ('ragged_dot' or 'pallas') on `platform`, with the
-  signature of `grouped_matmul`. 'pallas' on GPU is the Triton kernel of
-  kernels/grouped_matmul_pallas.py (forward, dX and dW); on TPU, ragged_dot with dW from
-  the Mosaic kernel of kernels/grouped_matmul_tpu.py; with `interpret=True` (tests) the
-  GPU kernels in Pallas interpret mode on any other platform. Elsewhere 'pallas' logs
-  once and uses ragged_dot."""
-  if impl not in GROUPED_MATMULS:
-    raise ValueError(f"grouped matmul {impl!r} is not one of {GROUPED_MATMULS}.")
-  if impl == "ragged_dot":
-    return grouped_matmul
-  if platform == "tpu":
-    from ul2x.kernels import grouped_matmul_tpu  # it imports this module
-    tpu = grouped_matmul_tpu
-    blocks = tpu.INTERPRET_BLOCKS if interpret else tpu.DEFAULT_BLOCKS
-    return lambda x, w, sizes: tpu.grouped_matmul(x, w, sizes, blocks, interpret)
-  if not interpret and platform != "gpu":
-    _log_pallas_fallback(platform)
-    return grouped_matmul
-  blocks = grouped_matmul_pallas.DEFAULT_BLOCKS["gpu" if platform == "gpu" else "cpu"]
-  return lambda x, w, sizes: grouped_matmul_pallas.grouped_matmul(x, w, sizes, blocks,
-                                                                  interpret)
-
-
-@functools.cache
-def _log_pallas_fallback(platform: str):
-  logging.warning("moe_matmul='pallas' has no compiled grouped-matmul kernel on %r: using "
-                  "jax.lax.ragged_dot instead.", platform)
 
 
 def combine_sorted(y, order, weight):

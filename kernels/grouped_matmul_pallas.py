@@ -28,8 +28,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ul2x.kernels.flash_kernels import dot, fit, out_shapes, padded, triton_params
-from ul2x.kernels.ring_attention import sum_unvarying, vary_like
+from ul2x.kernels.utils import (dot, fit, out_shapes, padded, sum_unvarying, triton_params,
+                                vary_like)
 
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 

@@ -24,8 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ul2x.kernels import grouped_matmul_pallas as gp
 from ul2x.kernels.grouped_matmul import grouped_matmul as ragged_dot_matmul
-from ul2x.kernels.flash_kernels import dot, out_shapes, padded
-from ul2x.kernels.ring_attention import sum_unvarying, vary_like
+from ul2x.kernels.utils import dot, out_shapes, padded, sum_unvarying, vary_like
 
 LANES = 128
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ul2x.kernels.attention_inputs import PositionBias, Tokens, visible
+from ul2x.kernels.utils import vary_like
 
 
 class BlockAttentionFn(Protocol):
@@ -57,37 +58,6 @@ class BlockAttentionFn(Protocol):
 
   def backward(self, q, k, v, q_tok, kv_tok, bias, lse, delta, dout, grads, *, causal,
                scale): ...
-
-
-def varying_axes(x) -> frozenset:
-  """The manual mesh axes `x` varies over inside shard_map (none outside, or with the
-  varying-axes check off)."""
-  mat = getattr(jax.typeof(x), "mat", None)
-  return frozenset(mat.varying) if mat is not None else frozenset()
-
-
-def vary_like(tree, *refs):
-  """Marks `tree` as varying over the manual mesh axes `refs` vary over (inside
-  shard_map), so loop carries keep one type and the transpose sums gradients."""
-  axes = set()
-  for r in jax.tree.leaves(refs):
-    axes |= varying_axes(r)
-
-  def cast(x):
-    missing = tuple(sorted(axes - varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-  return jax.tree.map(cast, tree)
-
-
-def sum_unvarying(grad, primal):
-  """Inside shard_map: `grad` summed over the manual mesh axes it varies over and its
-  primal does not (a bias table replicated over the batch axes gets the sum of every
-  batch shard's gradient), so the cotangent has its primal's type."""
-  if grad is None:
-    return None
-  extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
-  return jax.lax.psum(grad, extra) if extra else grad
 
 
 def _tile_size(length: int, block_size: int) -> int:

@@ -7,10 +7,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from ul2x.kernels.grouped_matmul import GROUPED_MATMULS
 from ul2x.model.contract import ARCHITECTURES
 from ul2x.model.layers import ACTIVATIONS
-from ul2x.model.moe import DISPATCHES, ROUTERS, expert_capacity
+from ul2x.model.moe import DISPATCHES, GROUPED_MATMULS, ROUTERS, expert_capacity
 
 # What a rematerialised layer keeps from its forward pass for the backward: nothing
 # (`full`: every layer is recomputed), the matmul outputs (`dots_saveable`), or

@@ -1,8 +1,9 @@
 """The models' contract with their batches (T5X's models.py): per architecture the seqio
 feature converter that makes its batches; the features every architecture reads, with
-the one derivation of segment ids and positions for unpacked batches; and the loss.
-tasks/pipeline.py builds batches by it, model/transformer.py and trainer/steps.py read
-and score them by it."""
+the one derivation of segment ids and positions for unpacked batches and the one layout
+of prompts for decoding; and the loss. tasks/pipeline.py builds batches by it,
+model/transformer.py and trainer/steps.py read and score them by it, tasks/inference.py
+and export/serving.py lay out prompts by it."""
 
 import dataclasses
 
@@ -52,6 +53,24 @@ def unpacked_segments_positions(tokens, xp=jnp):
   (jax.numpy, numpy, or tensorflow.experimental.numpy inside a tf.data map)."""
   segment_ids = xp.asarray(tokens != 0, dtype=xp.int32)
   return segment_ids, segment_ids * xp.arange(tokens.shape[-1], dtype=xp.int32)
+
+
+def prompt_features(architecture: str, inputs, xp=jnp, *, causal: bool = False) -> dict:
+  """The batch `model.init_decoding` takes for prompts: inputs int [..., inputs_len], each
+  row its ids then 0s -> encoder_decoder {'encoder_input_tokens': inputs}; decoder_only,
+  as the PrefixLM converter lays out a row in training, P the row's non-zero ids, each
+  int32 [..., 1 + inputs_len]: `decoder_input_tokens` [0, x_0 .. x_{P-1}, 0 ...],
+  `decoder_segment_ids` 1 on those P + 1 positions, `decoder_causal_attention` the same
+  1s (the bidirectional prefix), or with `causal` (a causal LM's prompt) all 0. `xp`:
+  the array namespace of `inputs` (jax.numpy, or numpy)."""
+  if architecture == "encoder_decoder":
+    return {STACK_TOKENS["encoder"]: inputs}
+  start = xp.zeros((*inputs.shape[:-1], 1), dtype=inputs.dtype)  # inputs_len may be 0
+  tokens = xp.concatenate([start, inputs], axis=-1)
+  length = xp.sum(xp.asarray(inputs != 0, dtype=xp.int32), axis=-1)
+  segment_ids = xp.asarray(xp.arange(tokens.shape[-1]) <= length[..., None], dtype=xp.int32)
+  return {"decoder_input_tokens": tokens, "decoder_segment_ids": segment_ids,
+          "decoder_causal_attention": xp.zeros_like(segment_ids) if causal else segment_ids}
 
 
 def loss_sums(logits, batch, z_loss: float) -> dict:

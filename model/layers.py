@@ -164,10 +164,15 @@ class Embed(nnx.Module):
     return jnp.dot(x.astype(jnp.float32), self.embedding[...].T)
 
 
+# RMSNorm's epsilon: fixed (no config field), so exported configs state it and imported
+# ones must match it (export/mappings.py).
+NORM_EPS = 1e-6
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm (T5 LayerNorm: no mean subtraction, no bias)."""
 
-  def __init__(self, dim: int, *, dtype, eps: float = 1e-6):
+  def __init__(self, dim: int, *, dtype, eps: float = NORM_EPS):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("embed",))
     self.dtype = dtype
     self.eps = eps

@@ -1,7 +1,8 @@
 """Mixture-of-experts MLP: expert-choice and top-k token-choice routers, capacity-bounded
 or (token choice only) dropless expert-parallel dispatch (laid out by
-`partitioning.expert_parallel_plan`), and the router losses and metrics each layer sows
-(the trainer aggregates them: trainer/router_metrics.py).
+`partitioning.expert_parallel_plan`; its grouped matmul by name and platform:
+`select_grouped_matmul`), and the router losses and metrics each layer sows (the trainer
+aggregates them: trainer/router_metrics.py).
 
 Tokens are routed in groups. A group holds `chunk` consecutive positions of
 `rows` sequences and lists them position-major (position 0 of every row, then
@@ -14,6 +15,7 @@ loss and the metrics.
 """
 
 import functools
+import logging
 import math
 from typing import NamedTuple
 
@@ -23,14 +25,16 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ul2x import partitioning
-from ul2x.kernels.grouped_matmul import (combine_sorted, dispatch_sorted,
-                                         select_grouped_matmul, sort_by_expert)
+from ul2x.kernels import grouped_matmul_pallas, grouped_matmul_tpu
+from ul2x.kernels.grouped_matmul import (combine_sorted, dispatch_sorted, grouped_matmul,
+                                         sort_by_expert)
 from ul2x.kernels.moe_dispatch import DISPATCH_FNS, from_experts, to_experts
 from ul2x.model.layers import ACTIVATIONS, Dense, dropout, split_key, variance_scaling_init
 
 ROUTERS = ("expert_choice", "top1", "top2")
 TOP_K = {"top1": 1, "top2": 2}
 DISPATCHES = (*DISPATCH_FNS, "dropless")
+GROUPED_MATMULS = ("ragged_dot", "pallas")  # TransformerConfig.moe_matmul
 HISTOGRAM_BINS = 5  # tokens with 0, 1, 2, 3 and 4 or more experts
 
 
@@ -253,15 +257,44 @@ def _expert_slots(xg, routing, wi_0, wi_1, wo, key=None, *,
   return jax.lax.psum(combined, plan.expert_axes) if plan.exchange == "psum" else combined
 
 
+def select_grouped_matmul(impl: str, platform: str, interpret: bool = False):
+  """The grouped matmul `impl` ('ragged_dot' or 'pallas') on `platform`, with the
+  signature of kernels/grouped_matmul.py's `grouped_matmul` (ragged_dot, the reference
+  twin). 'pallas' on GPU is the Triton kernel of kernels/grouped_matmul_pallas.py
+  (forward, dX and dW); on TPU, ragged_dot with dW from the Mosaic kernel of
+  kernels/grouped_matmul_tpu.py; with `interpret=True` (tests) the GPU kernels in Pallas
+  interpret mode on any other platform. Elsewhere 'pallas' logs once and uses ragged_dot."""
+  if impl not in GROUPED_MATMULS:
+    raise ValueError(f"grouped matmul {impl!r} is not one of {GROUPED_MATMULS}.")
+  if impl == "ragged_dot":
+    return grouped_matmul
+  if platform == "tpu":
+    blocks = (grouped_matmul_tpu.INTERPRET_BLOCKS if interpret
+              else grouped_matmul_tpu.DEFAULT_BLOCKS)
+    return lambda x, w, sizes: grouped_matmul_tpu.grouped_matmul(x, w, sizes, blocks, interpret)
+  if not interpret and platform != "gpu":
+    _log_pallas_fallback(platform)
+    return grouped_matmul
+  blocks = grouped_matmul_pallas.DEFAULT_BLOCKS["gpu" if platform == "gpu" else "cpu"]
+  return lambda x, w, sizes: grouped_matmul_pallas.grouped_matmul(x, w, sizes, blocks,
+                                                                  interpret)
+
+
+@functools.cache
+def _log_pallas_fallback(platform: str):
+  logging.warning("moe_matmul='pallas' has no compiled grouped-matmul kernel on %r: using "
+                  "jax.lax.ragged_dot instead.", platform)
+
+
 def _dropless_experts(xg, choices, wi_0, wi_1, wo, key=None, *,
                       plan: partitioning.ExpertParallelPlan, activation: str,
-                      dropout_rate: float, grouped_matmul):
+                      dropout_rate: float, matmul):
   """Per shard: sort the choices of this device's experts by expert, run them as grouped
   matmuls, combine. xg: [G, S, D]; choices: [G, S, k] each; wi_*: [E_local, D, H_local];
   wo: [E_local, H_local, D]. With experts sharded over the batch's expert axes, every
   device of those axes sees all their tokens (all-gather) and each token's output is
-  summed back onto its own device (reduce-scatter). `grouped_matmul` has the signature
-  of kernels/grouped_matmul.py's (`select_grouped_matmul`)."""
+  summed back onto its own device (reduce-scatter). `matmul`: the grouped matmul of
+  `select_grouped_matmul`."""
   g, s, d = xg.shape
   x, expert, weight = (a.reshape(g * s, *a.shape[2:]) for a in (xg, *choices))
   if plan.exchange == "all_to_all":
@@ -276,8 +309,8 @@ def _dropless_experts(xg, choices, wi_0, wi_1, wo, key=None, *,
   order, sizes = sort_by_expert(expert, local)
   rows = dispatch_sorted(x, order, expert.shape[-1])
   act = ACTIVATIONS[activation]
-  h = act(grouped_matmul(rows, wi_0, sizes)) * grouped_matmul(rows, wi_1, sizes)
-  out = combine_sorted(grouped_matmul(dropout(h, dropout_rate, key), wo, sizes), order, weight)
+  h = act(matmul(rows, wi_0, sizes)) * matmul(rows, wi_1, sizes)
+  out = combine_sorted(matmul(dropout(h, dropout_rate, key), wo, sizes), order, weight)
   if plan.exchange == "all_to_all":
     out = jax.lax.psum_scatter(out, plan.expert_axes, scatter_dimension=0, tiled=True)
   summed = plan.tensor_axes + (plan.expert_axes if plan.exchange == "psum" else ())
@@ -365,7 +398,7 @@ class MoeMLP(nnx.Module):
       platform = partitioning.mesh_platform(None if context is None else context[0])
       body = functools.partial(
           _dropless_experts, activation=self.activation, dropout_rate=self.dropout_rate,
-          grouped_matmul=select_grouped_matmul(self.matmul, platform, self.interpret_kernels))
+          matmul=select_grouped_matmul(self.matmul, platform, self.interpret_kernels))
     else:
       body = functools.partial(_expert_slots, dispatch_name=self.dispatch,
                                activation=self.activation, dropout_rate=self.dropout_rate)

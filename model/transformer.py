@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ul2x.model import cache as kv_cache
+from ul2x.model import kv_cache
 from ul2x.model.attention import MultiHeadAttention, ring_layout, stack_bias
 from ul2x.model.config import REMAT_POLICIES, TransformerConfig
 from ul2x.model.contract import STACK_TOKENS, unpacked_segments_positions

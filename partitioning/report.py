@@ -8,12 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from ul2x.partitioning.param_names import path_name
 from ul2x.partitioning.rules import mesh_axes
-
-
-def path_name(path) -> str:
-  """A pytree path as 'params/decoder/layers/0/mlp/wi_0/kernel'."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def global_bytes(x) -> int:

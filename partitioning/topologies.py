@@ -1,4 +1,5 @@
-"""Compile-only devices of accelerators this machine need not have, for the dry run
+"""Accelerator devices: their data-sheet facts (peak FLOP/s, memory), and compile-only
+devices of accelerators this machine need not have, for the dry run
 (`--dry_run_topology`), the benches' compile-only modes and the compile tests: TPU
 topologies (JAX's TPU support, libtpu: `make libtpu`) and NVIDIA GPUs described by a
 target config (JAX's CUDA plugin: `make cuda_plugin`). Their compiler is the real one;
@@ -38,6 +39,22 @@ GPU_TARGETS = {  # memory as the device reports it (XLA's GPU specs)
 TPU_MEMORY = {"TPU v4": 32 * GIB, "TPU v5 lite": int(15.75 * GIB), "TPU v5": 95 * GIB,
               "TPU v6 lite": 32 * GIB}  # HBM per chip available to XLA, by device_kind
 GPU_MEMORY_FRACTION = 0.75  # of a GPU's memory a JAX process may use by default
+
+# Dense bf16 peak FLOP/s per device from vendor data sheets; first substring match wins.
+# JAX names a v5e "TPU v5 lite", a v5p "TPU v5" and a v6e "TPU v6 lite".
+_PEAK_FLOPS = {
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12,
+}
+
+
+def vendor_peak_flops(device_kind: str) -> float | None:
+  """The data-sheet dense bf16 peak FLOP/s of a device kind, or None if unknown."""
+  for name, flops in _PEAK_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
 
 
 def gpu_target_config(t: GpuTarget) -> str:

@@ -7,11 +7,17 @@ As T5's `preprocessors.glue`: the inputs are "<benchmark> <key>: <text> <key>: <
 ("sst2 sentence: it 's a charming journey ." -> "positive"), stsb's score rounded to
 0.2 as "3.8"; wsc marks its two spans with * and #, record asks for one entity. The
 postprocessors turn decoded text back into a class index (-1 for an unknown label), a
-float or an answer, and each task has T5's metrics. The mixtures weigh each task by
-its training examples as T5's `glue_v002_proportional` and `super_glue_v102_proportional`
-do; they leave out GLUE's wnli (as T5) and the test-only diagnostics (GLUE ax,
-SuperGLUE axb and axg). T5 trains WSC as "wsc_simple" (the referent's text, with DPR
-data); here it is the marked-span True/False form of T5's `preprocessors.wsc`.
+float or an answer, and each task has T5's metrics. The diagnostics (GLUE's ax,
+SuperGLUE's axb and axg; test splits only) are formatted as the benchmark whose
+fine-tuned model predicts them (mnli, rte) and, as in T5, have no metrics.
+`super_glue_wsc_simple_train` and `_eval` are T5's "wsc_simple" form: the pronoun marked
+*he*, the target the candidate's text ("wsc: Mitchell asked Tom if *he* could lend some
+money." -> "Tom").
+
+The mixtures weigh each task by its training examples as T5's `glue_v002_proportional`
+and `super_glue_v102_proportional` do; they leave out GLUE's wnli (as T5) and the
+diagnostics (T5 lists them at rate 0: never sampled), and train WSC in the marked-span
+True/False form of T5's `preprocessors.wsc` where T5 trains wsc_simple with DPR data.
 
 Registering reads nothing: a dataset is opened when a job reads it, and one not built
 is one line naming its `tfds build` command. Inputs lead with the [NLU] mode token
@@ -40,11 +46,15 @@ GLUE_LABELS = {
     "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
     "mnli": ("entailment", "neutral", "contradiction"),
     "qnli": ("entailment", "not_entailment"), "rte": ("entailment", "not_entailment"),
-    "wnli": ("not_entailment", "entailment")}
+    "wnli": ("not_entailment", "entailment"), "ax": ("entailment", "neutral", "contradiction")}
 SUPER_GLUE_LABELS = {
     "boolq": ("False", "True"), "cb": ("entailment", "contradiction", "neutral"),
     "copa": ("choice1", "choice2"), "multirc": ("False", "True"),
-    "rte": ("entailment", "not_entailment"), "wic": ("False", "True"), "wsc": ("False", "True")}
+    "rte": ("entailment", "not_entailment"), "wic": ("False", "True"), "wsc": ("False", "True"),
+    "axb": ("entailment", "not_entailment"), "axg": ("entailment", "not_entailment")}
+# Each diagnostic -> the benchmark it is formatted as: the model fine-tuned on that one
+# predicts it (T5's glue_utils casts ax as MNLI, axb and axg as RTE).
+DIAGNOSTICS = {"ax": "mnli", "axb": "rte", "axg": "rte"}
 # T5's feature order where it does not sort the keys (wic leaves out the word's offsets).
 FEATURE_ORDER = {"multirc": ("question", "answer", "paragraph"),
                  "wic": ("sentence1", "sentence2", "word")}
@@ -52,6 +62,28 @@ SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 MNLI_SPLITS = {"train": "train", "validation": "validation_matched",
                "validation_mismatched": "validation_mismatched", "test": "test_matched",
                "test_mismatched": "test_mismatched"}
+TEST_SPLITS = {"test": "test"}
+# T5's wsc_simple tasks: the train task keeps only the examples whose candidate is the
+# referent (its target is then right); the eval task scores whether a prediction names it.
+WSC_SIMPLE_SPLITS = {"train": {"train": "train"},
+                     "eval": {"validation": "validation", "test": "test"}}
+# T5's `_wsc_inputs`: two WSC texts whose word span2_index is not the bare pronoun, blanked
+# by hand.
+WSC_SIMPLE_BLANKED = {
+    'The boy continued to whip the pony , and eventually the pony threw him over. John '
+    'laughed out quite loud. "Good for him," he said. ':
+        'The boy continued to whip the pony , and eventually the pony threw him over. John '
+        'laughed out quite loud. "Good for X ," he said.',
+    "When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the "
+    "magic pebble in an iron safe . Some day they might want to use it , but really for "
+    "now, what more could they wish for?":
+        "When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the "
+        "magic pebble in an iron safe . Some day they might want to use X , but really for "
+        "now, what more could they wish for?"}
+# T5's `postprocessors.wsc_simple` ignores these when matching a prediction to the referent.
+DETERMINERS = frozenset({
+    "a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some",
+    "that", "the", "their", "these", "this", "those", "which", "whose", "your"})
 
 
 def _label_name(label: tf.Tensor, names) -> tf.Tensor:
@@ -104,6 +136,44 @@ def wsc_text(x) -> dict:
           "targets": _label_name(x["label"], SUPER_GLUE_LABELS["wsc"])}
 
 
+def _wsc_blanked(x) -> tf.Tensor:
+  """T5's `_wsc_inputs`: the text with the pronoun (word `span2_index`) replaced by X."""
+  words = tf.strings.split(x["text"], sep=" ")
+  index = x["span2_index"]
+  # T5 checks that the index is the pronoun's; the data holds only the two exceptions
+  # in WSC_SIMPLE_BLANKED, so a failure here is a different dataset, not a text to guess.
+  with tf.control_dependencies([
+      tf.debugging.assert_greater(index, 0, message="wsc_simple: pronoun is the first word"),
+      tf.debugging.assert_less(index, tf.size(words), message="wsc_simple: index past text"),
+      tf.debugging.assert_equal(tf.gather(words, index), x["span2_text"],
+                                message="wsc_simple: word span2_index is not span2_text")]):
+    return tf.strings.join([tf.strings.reduce_join(words[:index], separator=" "), "X",
+                            tf.strings.reduce_join(words[index + 1:], separator=" ")],
+                           separator=" ")
+
+
+def wsc_simple_text(dataset: tf.data.Dataset, correct_referent_only: bool) -> tf.data.Dataset:
+  """T5's `preprocessors.wsc_simple`: "wsc: <text>" with the pronoun marked *he*, the
+  target the candidate's text (span 1) whether or not the pronoun refers to it, `label`
+  1 when it does; `correct_referent_only` keeps only those examples (for training)."""
+  by_hand = tf.constant(list(WSC_SIMPLE_BLANKED))
+  blanked_by_hand = tf.constant(list(WSC_SIMPLE_BLANKED.values()))
+
+  def simple(x):
+    known = tf.equal(by_hand, x["text"])
+    blanked = tf.cond(tf.reduce_any(known),
+                      lambda: tf.boolean_mask(blanked_by_hand, known)[0],
+                      lambda: _wsc_blanked(x))
+    marked = tf.strings.regex_replace(blanked, " X ",
+                                      tf.strings.join([" *", x["span2_text"], "* "]))
+    return {"inputs": tf.strings.join(["wsc:", marked], separator=" "),
+            "targets": x["span1_text"], "label": x["label"]}
+
+  if correct_referent_only:
+    dataset = dataset.filter(lambda x: x["label"] == 1)
+  return dataset.map(simple, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def record_text(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """T5's `preprocessors.record`: one example per answer (one with target '<unk>' when
   there is none), "record query: <query> entities: <e1>, <e2> passage: <passage>", the
@@ -145,6 +215,27 @@ def text_to_float(text, example=None, is_target=False) -> float:
     return -1.0
 
 
+def wsc_simple_referent(text, example=None, is_target=False) -> int:
+  """Postprocessor (T5's `postprocessors.wsc_simple`): a target is the example's label; a
+  prediction is 1 when it names the candidate (its words, determiners and case aside, a
+  subset or superset of the candidate's, and both or neither possessive), 0 when it does
+  not, -1 when it is empty."""
+  if is_target:
+    return int(example["label"])
+
+  def clean(phrase):
+    return " ".join(w for w in metrics.as_text(phrase).lower().split(" ")
+                    if w not in DETERMINERS)
+
+  predicted, candidate = clean(text), clean(example["targets_pretokenized"])
+  if not predicted:  # so that an empty prediction cannot match a label 0 by chance
+    return -1
+  if ("'" in predicted) != ("'" in candidate):  # "Bob" does not name "Bob's hat"
+    return 0
+  predicted_words, candidate_words = set(predicted.split(" ")), set(candidate.split(" "))
+  return int(predicted_words <= candidate_words or candidate_words <= predicted_words)
+
+
 def multirc_answer(text, example=None, is_target=False) -> dict:
   """Postprocessor: {'value': 0/1 (-1 unknown), 'group': the answer's question}."""
   del is_target  # a prediction is grouped by its example as its target is
@@ -184,7 +275,8 @@ def record_squad(targets, predictions) -> dict[str, float]:
   return metrics.squad(answers, predicted)
 
 
-def _classification(benchmark: str, labels) -> dict:
+def _classification(name: str, labels) -> dict:
+  benchmark = DIAGNOSTICS.get(name, name)
   return {"text_preprocessors": [functools.partial(glue_text, benchmark=benchmark,
                                                    label_names=labels)],
           "postprocess_fn": functools.partial(label_to_class, label_names=labels)}
@@ -196,10 +288,10 @@ def _glue_tasks() -> dict[str, dict]:
   specs["stsb"] = {"text_preprocessors": [stsb_text], "postprocess_fn": text_to_float}
   fns = {"cola": [metrics.matthews_corrcoef], "mrpc": [metrics.f1, metrics.accuracy],
          "qqp": [metrics.f1, metrics.accuracy],
-         "stsb": [metrics.pearson_corrcoef, metrics.spearman_corrcoef]}
+         "stsb": [metrics.pearson_corrcoef, metrics.spearman_corrcoef], "ax": []}
   for name, spec in specs.items():
     spec["metric_fns"] = fns.get(name, [metrics.accuracy])
-    splits = MNLI_SPLITS if name == "mnli" else SPLITS
+    splits = {"mnli": MNLI_SPLITS, "ax": TEST_SPLITS}.get(name, SPLITS)
     spec["source"] = LocalTfdsDataSource(f"glue/{name}:{GLUE_VERSION}", splits)
   return {f"glue_{name}": spec for name, spec in specs.items()}
 
@@ -215,17 +307,36 @@ def _super_glue_tasks() -> dict[str, dict]:
                      "keep_keys": ["answers", "idx/passage", "idx/query"],
                      "metric_fns": [record_squad]}
   specs["cb"]["metric_fns"] = [metrics.mean_multiclass_f1(3), metrics.accuracy]
+  # axb's sentences are named as in GLUE; T5 renames them to read as SuperGLUE's rte.
+  specs["axb"]["text_preprocessors"].insert(0, functools.partial(
+      seqio.preprocessors.rekey, key_map={"premise": "sentence1", "hypothesis": "sentence2",
+                                          "label": "label", "idx": "idx"}))
   for name, spec in specs.items():
-    spec.setdefault("metric_fns", [metrics.accuracy])
+    spec.setdefault("metric_fns", [] if name in DIAGNOSTICS else [metrics.accuracy])
     dataset = "wsc.fixed" if name == "wsc" else name
-    spec["source"] = LocalTfdsDataSource(f"super_glue/{dataset}:{SUPER_GLUE_VERSION}", SPLITS)
+    splits = TEST_SPLITS if name in DIAGNOSTICS else SPLITS
+    spec["source"] = LocalTfdsDataSource(f"super_glue/{dataset}:{SUPER_GLUE_VERSION}", splits)
   return {f"super_glue_{name}": spec for name, spec in specs.items()}
+
+
+def _wsc_simple_tasks() -> dict[str, dict]:
+  """`super_glue_wsc_simple_train` and `_eval`, as T5's `super_glue_wsc_v102_simple_*`."""
+  specs = {}
+  for part, splits in WSC_SIMPLE_SPLITS.items():
+    spec = {"source": LocalTfdsDataSource(f"super_glue/wsc.fixed:{SUPER_GLUE_VERSION}", splits),
+            "text_preprocessors": [functools.partial(wsc_simple_text,
+                                                     correct_referent_only=part == "train")]}
+    if part == "eval":
+      spec.update(keep_keys=["label"], postprocess_fn=wsc_simple_referent,
+                  metric_fns=[metrics.accuracy])
+    specs[f"super_glue_wsc_simple_{part}"] = spec
+  return specs
 
 
 def register_glue_tasks(vocabulary: seqio.Vocabulary | None = None) -> None:
   """Registers (replacing) every `glue_<name>` and `super_glue_<name>` task and the
   mixtures `glue` and `super_glue`, tokenized with `vocabulary` (default: bytes)."""
-  for name, spec in {**_glue_tasks(), **_super_glue_tasks()}.items():
+  for name, spec in {**_glue_tasks(), **_super_glue_tasks(), **_wsc_simple_tasks()}.items():
     finetune.register_finetune_task(name, mode_token=MODE_TOKEN, vocabulary=vocabulary, **spec)
   for mixture, rates in (("glue", GLUE_RATES), ("super_glue", SUPER_GLUE_RATES)):
     if mixture in seqio.MixtureRegistry.names():

@@ -1,6 +1,6 @@
 """Examples and model batches for the infer and eval jobs (no JAX): a task's or a file's
-examples, prompts for decoding, teacher-forced batches for scoring, and the task's
-postprocessing and metrics of decoded text.
+examples, prompts for decoding, teacher-forced batches for scoring, the task's
+postprocessing and metrics of decoded text, and the jobs' JSONL results written.
 
 An example is `{'inputs': int32 [n] (when there are inputs), 'targets': int32 [m] (when
 there are targets), 'inputs_pretokenized': str, 'targets_pretokenized': str}` (each text
@@ -11,13 +11,15 @@ a file's example also has 'truncated': [the features cut to their length] where 
 
 from collections.abc import Iterator, Mapping, Sequence
 import json
+import os
 import pathlib
+import tempfile
 from typing import Any
 
 import numpy as np
 import seqio
 
-from ul2x.model.contract import contract_for, unpacked_segments_positions
+from ul2x.model.contract import contract_for, prompt_features, unpacked_segments_positions
 from ul2x.tasks import pipeline
 from ul2x.tasks.vocabularies import (PARADIGM_TOKENS, byte_vocabulary, decode_with_reserved,
                                      paradigm_token_id)
@@ -200,17 +202,14 @@ def _inputs(example: Example, architecture: str) -> np.ndarray:
 def _prompt(example: Example, architecture: str, inputs_length: int) -> Batch:
   """One row of `predict_batches`."""
   if architecture == "encoder_decoder":
-    return {"encoder_input_tokens": _padded(_inputs(example, architecture), inputs_length,
-                                            "inputs")}
-  inputs = example.get("inputs", example.get("prompt", np.zeros([0], np.int32)))
-  tokens = _padded(np.concatenate([[0], inputs]), 1 + inputs_length, "inputs")
-  prompt = (np.arange(1 + inputs_length) <= len(inputs)).astype(np.int32)
+    inputs = _inputs(example, architecture)
+  else:
+    inputs = example.get("inputs", example.get("prompt", np.zeros([0], np.int32)))
   # A prefix LM reads its inputs (and the position after them) bidirectionally, as
   # seqio marks them in training; a causal LM (no inputs, or a 'prompt') reads nothing
   # bidirectionally.
-  causal = prompt if "inputs" in example else np.zeros_like(prompt)
-  return {"decoder_input_tokens": tokens, "decoder_segment_ids": prompt,
-          "decoder_causal_attention": causal}
+  return prompt_features(architecture, _padded(inputs, inputs_length, "inputs"), np,
+                         causal="inputs" not in example)
 
 
 def predict_batches(examples: Sequence[Example], *, architecture: str,
@@ -219,13 +218,10 @@ def predict_batches(examples: Sequence[Example], *, architecture: str,
   """(batch of int32 arrays, real rows) of prompts for decoding; the last batch is filled
   with all-zero rows up to `batch_size`.
 
-  encoder_decoder: `encoder_input_tokens` [b, inputs]. decoder_only: the prompt as the
-  PrefixLM converter lays it out in training, P = len(inputs) (0 without inputs):
-  `decoder_input_tokens` [b, 1 + inputs] = [0, x_0 .. x_{P-1}, 0 ...],
-  `decoder_segment_ids` [b, 1 + inputs] = 1 on those P + 1 positions, and
-  `decoder_causal_attention` [b, 1 + inputs] = the same 1s (the bidirectional prefix),
-  all 0 for examples without inputs (a causal LM; a 'prompt' of `file_examples` is laid
-  out like inputs but read causally).
+  Each row as `model.contract.prompt_features` lays it out ([b, inputs] encoder inputs,
+  or a decoder-only prompt [b, 1 + inputs]); a prefix LM's bidirectional prefix is its
+  inputs, and examples without inputs are a causal LM's (a 'prompt' of `file_examples`
+  is laid out like inputs but read causally).
   """
   contract_for(architecture)  # raises for an unknown architecture
   inputs_length = task_feature_lengths.get("inputs", 0)
@@ -313,3 +309,22 @@ def postprocess_and_evaluate(name: str, examples: Sequence[Example],
   for metric_fn in metric_fns:
     metrics.update(metric_fn(targets, processed))
   return processed, metrics
+
+
+def write_jsonl_atomically(path: str, rows: list[dict], overwrite: bool = False) -> None:
+  """Writes rows as JSONL through a temporary file renamed into place, so a failure
+  leaves nothing partial; refuses to replace an existing file unless `overwrite`."""
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f"{path} exists; pass --gin.infer.overwrite=True or another "
+                     "INFER_OUTPUT_DIR to replace it.")
+  directory = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  except OSError as e:
+    raise ValueError(f"cannot write to {directory} ({e.strerror}); choose a writable "
+                     "INFER_OUTPUT_DIR.") from None
+  with os.fdopen(fd, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)

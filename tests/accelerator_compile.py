@@ -13,7 +13,6 @@ in a subprocess, with libtpu or JAX's CUDA plugin on PYTHONPATH (`make libtpu`,
 import dataclasses
 import json
 import math
-import pathlib
 import sys
 
 import jax
@@ -22,56 +21,26 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import test_flash_attention as t
 import test_moe_dropless
-
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
-import grouped_matmul as grouped_matmul_bench  # noqa: E402  (bench/grouped_matmul.py)
 from ul2x import partitioning
 from ul2x.kernels.attention_inputs import PositionBias
-from ul2x.kernels.grouped_matmul import GROUPED_MATMULS, select_grouped_matmul
 from ul2x.model import attention
-from ul2x.partitioning.topologies import gpu_target, lowering_platform, topology_devices
-
-
-KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
-
-
-def lower(fn, args, device):
-  """fn(*args) lowered for `device`'s platform (jax names the GPU one 'cuda')."""
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering_platform(device),))
-
-
-def compile_case(device, case, block_sizes=None) -> dict:
-  """Compiles jit(grad) of the kernel's out and lse w.r.t. q, k, v and the table, at
-  `block_sizes` (None: the platform's defaults)."""
-  (q, k, v, table), _, tokens = t._inputs(case)
-
-  def loss(q, k, v, table, q_tok, kv_tok):
-    out, lse = t._flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
-                        block_sizes=block_sizes, platform=device.platform)
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
-
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      (q, k, v, table, *tokens))
-  lowered = lower(jax.grad(loss, argnums=(0, 1, 2, 3)), args, device)
-  kernels = lowered.as_text().count(KERNEL_CALLS[device.platform])
-  compiled = lowered.compile()
-  return dict(kernels=kernels, code_bytes=compiled.memory_analysis().generated_code_size_in_bytes)
+from ul2x.model import kernel_cases as cases
+from ul2x.model.moe import GROUPED_MATMULS, select_grouped_matmul
+from ul2x.partitioning.topologies import gpu_target, topology_devices
 
 
 def compile_model_path(devices, attend, case, mesh_axes: dict, x, tok) -> dict:
   """Compiles jit(grad) of a model attention function (model/attention.py) under a mesh of
   `mesh_axes` with the standard rules, inputs sharded by `x` (q, k, v) and `tok`
   (per-token arrays): the kernels inside its shard_map, with checked varying axes."""
-  (q, k, v, table), _, tokens = t._inputs(case)
+  (q, k, v, table), _, tokens = cases.inputs(case)
   mesh = partitioning.create_mesh(**mesh_axes, devices=devices[:math.prod(mesh_axes.values())])
 
   def loss(q, k, v, table, q_tok, kv_tok):
-    with partitioning.axis_rules(mesh, t.MESH_RULES):
-      out = attend(q, k, v, bias=PositionBias(table, t._relative_bias(case)),
-                   **t._mask_kwargs(case, q_tok, kv_tok))
+    with partitioning.axis_rules(mesh, partitioning.standard_logical_axis_rules()):
+      out = attend(q, k, v, bias=PositionBias(table, cases.relative_bias(case)),
+                   **cases.mask_kwargs(case, q_tok, kv_tok))
     return jnp.sum(out.astype(jnp.float32))
 
   put = lambda spec: lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
@@ -79,9 +48,9 @@ def compile_model_path(devices, attend, case, mesh_axes: dict, x, tok) -> dict:
   heads = P(x[2]) if len(x) > 2 else P()  # the bias table is split over heads like q
   args = (*map(put(x), (q, k, v)), put(heads)(table),
           *(jax.tree.map(put(tok), t_) for t_ in tokens))
-  lowered = lower(jax.grad(loss, argnums=(0, 1, 2, 3)), args, devices[0])
+  lowered = cases.lower(jax.grad(loss, argnums=(0, 1, 2, 3)), args, devices[0])
   compiled = lowered.compile()
-  return dict(kernels=lowered.as_text().count(KERNEL_CALLS[devices[0].platform]),
+  return dict(kernels=lowered.as_text().count(cases.KERNEL_CALLS[devices[0].platform]),
               all_gathers=compiled.as_text().count("all-gather"))
 
 
@@ -96,8 +65,8 @@ def compile_dropless_moe(devices, impl: str, mesh_axes: dict) -> dict:
                                       test_moe_dropless.RULES, mesh)
   put = lambda spec: lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
       mesh, spec))
-  compiled = lower(loss, (jax.tree.map(put(P()), state), put(P())(jnp.zeros((8, 64, 256)))),
-                   devices[0]).compile()
+  args = (jax.tree.map(put(P()), state), put(P())(jnp.zeros((8, 64, 256))))
+  compiled = cases.lower(loss, args, devices[0]).compile()
   return dict(kernels=compiled.as_text().count("grouped_matmul_weight_grad"),
               temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
 
@@ -113,20 +82,21 @@ def main(topology: str):
 
 def compile_all(topology: str, devices):
   device = devices[0]
-  for name, case in t.CASES.items():
+  for name, case in cases.CASES.items():
     length = 1000  # padded: 2 tiles of the forward's default blocks, 4 of the backward's
     sized = dataclasses.replace(case, q_len=length * case.q_len // case.kv_len, kv_len=length)
     print(json.dumps(dict(topology=topology, device_kind=device.device_kind, case=name,
-                          length=length, **compile_case(device, sized))), flush=True)
-  flash = compile_model_path(devices, attention.flash_dot_product_attention, t.SHARDED_CASE,
+                          length=length, **cases.compile_flash(device, sized))), flush=True)
+  sharded = cases.SHARDED_CASE
+  flash = compile_model_path(devices, attention.flash_dot_product_attention, sharded,
                              dict(data=2, tensor=2), P("data", None, "tensor"), P("data"))
-  one = compile_model_path(devices, attention.flash_dot_product_attention, t.SHARDED_CASE,
+  one = compile_model_path(devices, attention.flash_dot_product_attention, sharded,
                            dict(data=1), P(), P())  # a shard_map over which nothing varies
-  ring_case = dataclasses.replace(t.SHARDED_CASE, kv_heads=4, q_len=512, kv_len=512)
+  ring_case = dataclasses.replace(sharded, kv_heads=4, q_len=512, kv_len=512)
   ring = compile_model_path(devices, attention.ring_dot_product_attention, ring_case,
                             dict(data=1, sequence=4), P(None, "sequence"),
                             P(None, "sequence"))
-  matmuls = {name: grouped_matmul_bench.compile_case(
+  matmuls = {name: cases.compile_grouped_matmul(
       name, select_grouped_matmul(name, device.platform), device, rows=4096, k=1024, n=2048,
       groups=8, skew=1.0) for name in GROUPED_MATMULS}
   moe = [compile_dropless_moe(devices, "pallas", axes)

@@ -34,6 +34,7 @@ from ul2x.model import TransformerConfig  # noqa: E402
 from ul2x.tasks import vocabularies  # noqa: E402
 from ul2x.trainer import record  # noqa: E402
 from ul2x.trainer.checkpoints import Checkpointer, restore_mapped_params  # noqa: E402
+from ul2x.trainer.predict import make_predict_fn  # noqa: E402
 from ul2x.trainer.setup import setup  # noqa: E402
 
 # Shapes chosen so that a wrong reshape cannot pass: heads x head_dim != emb, odd vocab,
@@ -407,8 +408,9 @@ def test_hf_export_writes_the_recorded_tokenizer_and_import_keeps_it(tmp_path):
 
 
 def test_serving_format_goes_through_the_export_job(tmp_path, t5_checkpoint):
+  """The job's artifact decodes the checkpoint's model as ul2x does."""
   from ul2x.export.serving import load_serving
-  ckpt, _ = t5_checkpoint
+  ckpt, params = t5_checkpoint
   assert "needs inputs_len and max_decode_len in export.serving_options" in _error(
       export, checkpoint_path=ckpt, export_dir=str(tmp_path / "none"), model_config=T5,
       format="serving")
@@ -416,8 +418,13 @@ def test_serving_format_goes_through_the_export_job(tmp_path, t5_checkpoint):
                 format="serving",
                 serving_options={"inputs_len": 9, "max_decode_len": 4, "saved_model": False})
   assert {"serving.json", "greedy.jax_exported", "params.npz"} <= set(os.listdir(path))
-  ids, scores = load_serving(path)(np.full((2, 9), 5, np.int32))
-  assert ids.shape == (2, 4) and scores.shape == (2,)
+  input_ids = np.array([[5, 6, 7, 1, 0, 0, 0, 0, 0], [40, 9, 80, 30, 12, 2, 61, 8, 1]], np.int32)
+  ids, scores = load_serving(path)(input_ids)
+  want_ids, want_scores = jax.device_get(make_predict_fn(setup(T5, mesh=MESH), max_decode_len=4)(
+      params, {"encoder_input_tokens": input_ids}, None))
+  assert ids.shape == (2, 4) and ids.tolist() != ids[::-1].tolist()  # rows decode differently
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
 def test_serving_options_on_the_command_line_are_refused_in_one_line(tmp_path, t5_checkpoint):

@@ -2,7 +2,9 @@
 `dot_product_attention` with the dense T5 bias: outputs, log-sum-exp and gradients of
 q, k, v and the bias table, per mask kind, dtype, head_dim and grouped-query heads,
 in interpret mode on CPU (compiled on GPU / TPU); skipped tiles; input errors; the
-model's CPU fallback; and the kernel as ring attention's block function."""
+model's CPU fallback; and the kernel as ring attention's block function. The cases are
+model/kernel_cases.py's (tests/accelerator_compile.py and bench/gpu_registers.py compile
+them too)."""
 
 import dataclasses
 import functools
@@ -27,103 +29,27 @@ from ul2x.kernels import flash_attention as flash
 from ul2x.kernels import flash_kernels, flash_tpu
 from ul2x.kernels import ring_attention as ring
 from ul2x.kernels.attention_inputs import PositionBias, Tokens, visible
+from ul2x.kernels.utils import sum_unvarying
 from ul2x.model import attention
 from ul2x.model.attention import dot_product_attention
-from ul2x.model.position import RelativePositionBias, T5BucketBias, relative_position_bucket
+from ul2x.model.kernel_cases import (BLOCKS, CASES, MAX_DISTANCE, NUM_BUCKETS, SHARDED_CASE,
+                                     Case, inputs, mask_kwargs, relative_bias, run_flash)
+from ul2x.model.position import RelativePositionBias, relative_position_bucket
 from ul2x.partitioning import topologies
 import compilers
-
-BLOCKS = flash.BlockSizes(16, 16, 16, 16)  # several tiles, lengths not multiples of 16
-NUM_BUCKETS, MAX_DISTANCE = 32, 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  mask: str  # "bidirectional", "causal" or "prefix"
-  bias: bool = True
-  packed: bool = True  # two segments and padding per row; else one unpadded segment
-  dtype: str = "float32"
-  head_dim: int = 64
-  heads: int = 2
-  kv_heads: int = 2
-  q_len: int = 37
-  kv_len: int = 37
-  batch: int = 2
-
-
-CASES = {
-    "causal-bias-packed": Case("causal"),
-    "prefix-bias-packed-gqa": Case("prefix", heads=4, kv_heads=1, batch=1),
-    "bidirectional-bias-cross-d128": Case("bidirectional", head_dim=128, q_len=21, batch=1),
-    "causal-plain-bf16-gqa-d128": Case("causal", bias=False, packed=False, dtype="bfloat16",
-                                       head_dim=128, heads=4, batch=1),
-}
-
-
-def _tokens(case: Case, length: int) -> Tokens:
-  """Segment ids (0 = padding), positions restarting per segment, prefix flags."""
-  seg = np.ones((case.batch, length), np.int32)
-  if case.packed:
-    seg[0, length // 3:] = 2
-    seg[-1, length // 2:] = 3
-    seg[:, length - 4:] = 0
-  starts = np.maximum.accumulate(
-      np.where(np.diff(seg, axis=1, prepend=-1) != 0, np.arange(length), 0), axis=1)
-  pos = np.arange(length) - starts
-  prefix = (pos < 5) & (seg > 0)
-  return Tokens(jnp.asarray(seg), jnp.asarray(pos, jnp.int32),
-                     jnp.asarray(prefix, jnp.int32))
-
-
-def _inputs(case: Case):
-  keys = jax.random.split(jax.random.key(0), 6)
-  dt = jnp.dtype(case.dtype)
-  q = jax.random.normal(keys[0], (case.batch, case.q_len, case.heads, case.head_dim), dt)
-  k, v = (jax.random.normal(key, (case.batch, case.kv_len, case.kv_heads, case.head_dim), dt)
-          for key in keys[1:3])
-  q_tok, kv_tok = _tokens(case, case.q_len), _tokens(case, case.kv_len)
-  real = np.asarray(q_tok.segment_ids > 0)
-  ct = jax.random.normal(keys[3], q.shape, jnp.float32) * real[..., None, None]
-  ct_lse = jax.random.normal(keys[4], (case.batch, case.heads, case.q_len)) * real[:, None]
-  table = jax.random.normal(keys[5], (case.heads, NUM_BUCKETS)) * 0.5
-  return (q, k, v, table), (ct, ct_lse), (q_tok, kv_tok)
-
-
-def _relative_bias(case: Case) -> T5BucketBias:
-  return T5BucketBias(NUM_BUCKETS, MAX_DISTANCE, case.mask == "bidirectional")
-
-
-def _mask_kwargs(case: Case, q_tok, kv_tok):
-  prefix = case.mask == "prefix"
-  return dict(q_segment_ids=q_tok.segment_ids, kv_segment_ids=kv_tok.segment_ids,
-              q_positions=q_tok.positions, kv_positions=kv_tok.positions,
-              causal=case.mask != "bidirectional", q_prefix=q_tok.prefix if prefix else None,
-              kv_prefix=kv_tok.prefix if prefix else None, scale=0.3)
-
 
 def _reference(case: Case, q, k, v, table, q_tok, kv_tok):
   """(out, lse) of the dense reference; k/v heads repeated for grouped queries."""
   group = case.heads // case.kv_heads
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  kw = _mask_kwargs(case, q_tok, kv_tok)
-  bias = _relative_bias(case)(table, q_tok.positions, kv_tok.positions) if case.bias else None
+  kw = mask_kwargs(case, q_tok, kv_tok)
+  bias = relative_bias(case)(table, q_tok.positions, kv_tok.positions) if case.bias else None
   out = dot_product_attention(q, k, v, bias=bias, **kw)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * 0.3
   logits = logits if bias is None else logits + bias
   mask = visible(q_tok._replace(prefix=kw["q_prefix"]), kv_tok._replace(prefix=kw["kv_prefix"]),
                  kw["causal"])
   return out, jax.nn.logsumexp(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1)
-
-
-def _flash(case: Case, q, k, v, table, q_tok, kv_tok, interpret=True, block_sizes=BLOCKS,
-           platform=None):
-  rel = _relative_bias(case)
-  buckets = functools.partial(relative_position_bucket, bidirectional=rel.bidirectional,
-                              num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
-  return flash.flash_attention(
-      q, k, v, bias_table=table if case.bias else None,
-      bucket_fn=buckets if case.bias else None, block_sizes=block_sizes, interpret=interpret,
-      platform=platform, return_lse=True, **_mask_kwargs(case, q_tok, kv_tok))
 
 
 @functools.cache
@@ -145,10 +71,10 @@ def _assert_close(got, want, tol, name):
 
 
 def _check(case: Case, **flash_kw):
-  tensors, cts, tokens = _inputs(case)
+  tensors, cts, tokens = inputs(case)
   real = np.asarray(tokens[0].segment_ids > 0)[..., None, None]
   (_, (want, want_lse)), want_grads = _grad_fn(_reference, case)(*tensors, *cts, *tokens)
-  attend = functools.partial(_flash, **flash_kw) if flash_kw else _flash
+  attend = functools.partial(run_flash, **flash_kw) if flash_kw else run_flash
   (_, (got, got_lse)), got_grads = _grad_fn(attend, case)(*tensors, *cts, *tokens)
   tol = 2e-2 if case.dtype == "bfloat16" else 2e-5
   _assert_close(np.asarray(got, np.float32) * real, np.asarray(want, np.float32) * real, tol,
@@ -179,9 +105,9 @@ def test_tiles_above_the_causal_diagonal_are_skipped():
   other tile holding it lies above the diagonal and is never computed (a computed
   tile spreads it, as 0 * NaN = NaN, to all its rows)."""
   case = CASES["causal-plain-bf16-gqa-d128"]
-  (q, k, v, table), _, tokens = _inputs(case)
-  out, _ = jax.jit(_flash, static_argnums=0)(case, q, k, v.at[:, -1].set(jnp.nan), table,
-                                             *tokens)
+  (q, k, v, table), _, tokens = inputs(case)
+  out, _ = jax.jit(run_flash, static_argnums=0)(case, q, k, v.at[:, -1].set(jnp.nan), table,
+                                                 *tokens)
   rows_with_nan = np.flatnonzero(np.isnan(np.asarray(out)).any(axis=(0, 2, 3)))
   np.testing.assert_array_equal(rows_with_nan, np.arange(32, case.q_len))  # last q tile
 
@@ -208,8 +134,8 @@ def test_model_falls_back_to_reference_on_cpu_with_a_log_line(caplog):
   """attention='flash' as a stack calls it (bias from `stack_bias`): on CPU, one log
   line and the reference with the dense bias."""
   case = dataclasses.replace(CASES["causal-bias-packed"], q_len=12, kv_len=12)
-  (q, k, v, _), _, (q_tok, kv_tok) = _inputs(case)
-  kw = _mask_kwargs(case, q_tok, kv_tok)
+  (q, k, v, _), _, (q_tok, kv_tok) = inputs(case)
+  kw = mask_kwargs(case, q_tok, kv_tok)
   relative = RelativePositionBias(NUM_BUCKETS, MAX_DISTANCE, case.heads, False,
                                   rngs=nnx.Rngs(0))
   bias = attention.stack_bias(relative, q_tok.positions, "flash")
@@ -253,7 +179,7 @@ def test_ring_attention_with_flash_blocks_matches_reference():
   packed with padding, relative bias; blocks of 12 tokens streamed in tiles of 6."""
   case = dataclasses.replace(CASES["prefix-bias-packed-gqa"], heads=2, kv_heads=2,
                              q_len=48, kv_len=48)
-  tensors, (ct, _), tokens = _inputs(case)
+  tensors, (ct, _), tokens = inputs(case)
   mesh = partitioning.create_mesh(data=2, sequence=4)
   buckets = functools.partial(relative_position_bucket, bidirectional=False,
                               num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
@@ -263,8 +189,8 @@ def test_ring_attention_with_flash_blocks_matches_reference():
     def shard(q, k, v, table, q_tok, kv_tok):
       q_tok, kv_tok = Tokens(*q_tok), Tokens(*kv_tok)
       return ring.ring_attention(
-          q, k, v, bias=PositionBias(table, _relative_bias(case)), axis_name="sequence",
-          block_attention=block, **_mask_kwargs(case, q_tok, kv_tok))
+          q, k, v, bias=PositionBias(table, relative_bias(case)), axis_name="sequence",
+          block_attention=block, **mask_kwargs(case, q_tok, kv_tok))
     # check_vma=False: jax 0.10's Pallas interpreter loses varying axes in its grid loop.
     length = P(None, "sequence")
     out = jax.shard_map(shard, mesh=mesh, in_specs=(length,) * 3 + (P(), (length,) * 3,
@@ -288,11 +214,11 @@ def test_lowers_to_triton_for_gpu():
   lowering supports. Compiling Triton to PTX still needs the GPU tests below."""
   case = dataclasses.replace(CASES["prefix-bias-packed-gqa"], dtype="bfloat16", q_len=300,
                              kv_len=300)
-  (q, k, v, table), _, tokens = _inputs(case)
+  (q, k, v, table), _, tokens = inputs(case)
 
   def loss(q, k, v, table, q_tok, kv_tok):
-    out, lse = _flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
-                      block_sizes=flash.DEFAULT_BLOCK_SIZES["gpu"])
+    out, lse = run_flash(case, q, k, v, table, q_tok, kv_tok, interpret=False,
+                         block_sizes=flash.DEFAULT_BLOCK_SIZES["gpu"])
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
   triton = "__gpu$xla.gpu.triton"
@@ -334,8 +260,8 @@ def test_tpu_kernels_split_a_batch_whose_tile_plan_exceeds_smem(monkeypatch):
 def test_tpu_tiles_above_the_causal_diagonal_are_skipped():
   """As for the GPU kernels: a NaN in the last key reaches only the last query tile."""
   case = dataclasses.replace(CASES["causal-plain-bf16-gqa-d128"], q_len=300, kv_len=300)
-  (q, k, v, table), _, tokens = _inputs(case)
-  attend = functools.partial(_flash, block_sizes=TPU_BLOCKS, platform="tpu")
+  (q, k, v, table), _, tokens = inputs(case)
+  attend = functools.partial(run_flash, block_sizes=TPU_BLOCKS, platform="tpu")
   out, _ = jax.jit(attend, static_argnums=0)(case, q, k, v.at[:, -1].set(jnp.nan), table,
                                              *tokens)
   rows_with_nan = np.flatnonzero(np.isnan(np.asarray(out)).any(axis=(0, 2, 3)))
@@ -367,7 +293,7 @@ def test_gradients_of_replicated_inputs_are_summed_over_the_shards():
   x, table = jnp.arange(8.0), jnp.zeros(4)
 
   def shard(x, table):
-    return ring.sum_unvarying(x, table), ring.sum_unvarying(x, x)
+    return sum_unvarying(x, table), sum_unvarying(x, x)
 
   summed, same = jax.shard_map(shard, mesh=mesh, in_specs=(P("data"), P()),
                                out_specs=(P(), P("data")))(x, table)
@@ -458,15 +384,14 @@ def test_matches_reference_tpu(name):
 # The model's flash path under a sharded mesh (interpret mode on the simulated CPU devices).
 
 MESH_RULES = partitioning.standard_logical_axis_rules()
-SHARDED_CASE = Case("prefix", heads=4, kv_heads=2, head_dim=16, q_len=40, kv_len=40, batch=4)
 
 
 def _model_flash(mesh, case: Case, q, k, v, table, q_tok, kv_tok):
   """(out, zero lse) of the model's flash path in interpret mode under axis_rules."""
   with partitioning.axis_rules(mesh, MESH_RULES):
     out = attention.flash_dot_product_attention(
-        q, k, v, bias=PositionBias(table, _relative_bias(case)), interpret=True,
-        **_mask_kwargs(case, q_tok, kv_tok))
+        q, k, v, bias=PositionBias(table, relative_bias(case)), interpret=True,
+        **mask_kwargs(case, q_tok, kv_tok))
   return out, jnp.zeros((q.shape[0], q.shape[2], q.shape[1]))
 
 
@@ -476,7 +401,7 @@ def test_model_flash_shards_batch_and_heads_without_gathering():
   and gradients of q, k, v and the table equal the unsharded reference with the dense
   bias, and the compiled step gathers nothing."""
   case = SHARDED_CASE
-  tensors, (ct, _), tokens = _inputs(case)
+  tensors, (ct, _), tokens = inputs(case)
   no_lse = jnp.zeros((case.batch, case.heads, case.q_len))
   mesh = partitioning.create_mesh(data=2, fsdp=2, tensor=2)
   put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
@@ -500,7 +425,7 @@ def test_model_flash_shards_batch_and_heads_without_gathering():
 def test_model_flash_rejects_length_sharding_and_indivisible_kv_heads(mesh_sizes, kv_heads,
                                                                       message):
   case = dataclasses.replace(SHARDED_CASE, kv_heads=kv_heads, q_len=16, kv_len=16)
-  tensors, _, tokens = _inputs(case)
+  tensors, _, tokens = inputs(case)
   mesh = partitioning.create_mesh(**mesh_sizes)
   with pytest.raises(ValueError, match=message) as error:
     jax.eval_shape(functools.partial(_model_flash, mesh, case), *tensors, *tokens)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ul2x.model import TransformerConfig, build_model
 from ul2x.model.flops import training_flops_per_example
-from ul2x.trainer import metrics
+from ul2x.partitioning import topologies
 
 CFG = dict(vocab_size=256, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512,
            num_encoder_layers=2, num_decoder_layers=2)
@@ -41,13 +41,13 @@ def test_flop_count_matches_xla(architecture):
     ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("cpu", None)])
 def test_vendor_peaks_by_the_device_kinds_jax_reports(device_kind, peak):
   """MFU's peak per device kind as JAX names it (a v5p is 'TPU v5', a v5e 'TPU v5 lite')."""
-  assert metrics.vendor_peak_flops(device_kind) == peak
+  assert topologies.vendor_peak_flops(device_kind) == peak
 
 
 def test_the_train_step_and_mfu_helpers_import_no_tensorflow():
   """The accelerator benches (bench/mfu.py) import the model, the train step and the MFU
   helpers on a machine without TensorFlow or seqio."""
-  code = ("import sys; import ul2x.trainer.setup, ul2x.trainer.metrics, ul2x.model.flops; "
+  code = ("import sys; import ul2x.trainer.setup, ul2x.trainer.reporting, ul2x.model.flops; "
           "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300)

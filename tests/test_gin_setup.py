@@ -51,8 +51,10 @@ def test_config_errors_come_before_the_heavy_imports():
   ]
 
 
-def _args(tmp_path, *gin_files, bindings=()):
-  return argparse.Namespace(gin_file=[str(tmp_path / f) for f in gin_files],
+def _args(tmp_path, *gin_files, bindings=(), required=()):
+  """Flags for `gin_files` after a run file that declares the `required` macros."""
+  (tmp_path / "required.gin").write_text("".join(f"{n} = %gin.REQUIRED\n" for n in required))
+  return argparse.Namespace(gin_file=[str(tmp_path / f) for f in ("required.gin", *gin_files)],
                             gin_bindings=list(bindings), gin_search_paths=str(tmp_path))
 
 
@@ -67,20 +69,20 @@ def test_required_macros_are_read_without_the_configurables(tmp_path):
                                     (("D",), (), "D"), (("E",), (), "E"),
                                     (("A", "C"), ("B = 'b'",), "C")]:
     with pytest.raises(gin_setup.ConfigError, match=f"required macro {unset} is not set"):
-      check(_args(tmp_path, "run.gin", bindings=bindings), required)
-  check(_args(tmp_path, "run.gin", bindings=["B = 'b'", "C = 0", "D = @x()"]),
-        ("A", "C", "D"))
+      check(_args(tmp_path, "run.gin", bindings=bindings, required=required))
+  check(_args(tmp_path, "run.gin", bindings=["B = 'b'", "C = 0", "D = @x()"],
+              required=("A", "C", "D")))
   # A run file's declared requirement counts where the run file declares it.
-  check(_args(tmp_path, "base.gin", bindings=["B = 1", "C = 1"]), ())
+  check(_args(tmp_path, "base.gin", bindings=["B = 1", "C = 1"]))
   (tmp_path / "finetune.gin").write_text("INITIAL_CHECKPOINT_PATH = %gin.REQUIRED\n")
   with pytest.raises(gin_setup.ConfigError, match="INITIAL_CHECKPOINT_PATH is not set"):
-    check(_args(tmp_path, "finetune.gin"), ())
+    check(_args(tmp_path, "finetune.gin"))
   # Syntax errors: the file and line; an include not found here is left to gin's parse.
   (tmp_path / "bad.gin").write_text("A = 1\nB = [1,\n")
   with pytest.raises(gin_setup.ConfigError, match="bad.gin ends inside a bracket"):
-    check(_args(tmp_path, "bad.gin"), ())
+    check(_args(tmp_path, "bad.gin"))
   (tmp_path / "lost.gin").write_text("include 'nowhere.gin'\n")
-  check(_args(tmp_path, "lost.gin"), ("A",))
+  check(_args(tmp_path, "lost.gin", required=("A",)))
 
 
 def test_a_bad_export_command_prints_one_line():

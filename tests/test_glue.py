@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from cli_utils import one_line_error, run_job
 
 import ul2x.tasks  # noqa: F401  registers the tasks
-from ul2x.tasks import glue, inference
+from ul2x.tasks import glue, inference, metrics
 
 LENGTHS = {"inputs": 256, "targets": 32}
 MODEL = "--gin_file=gin_configs/models/tiny.gin"
@@ -84,6 +84,93 @@ def test_formatting_matches_t5s_published_examples():
   assert [a.decode() for a in record[0]["answers"]] == ["A", "C"]
 
 
+def _mock_examples(examples: dict[str, list[dict]]):
+  """mock_data's `as_dataset_fn` serving `examples[<TFDS config name>]`."""
+  def as_dataset(builder, split, **kwargs) -> tf.data.Dataset:
+    del split, kwargs
+    rows = examples[builder.builder_config.name]
+    return tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})
+  return as_dataset
+
+
+def test_diagnostics_are_formatted_as_the_benchmark_whose_model_predicts_them():
+  # The first example of each diagnostic (GLUE's diagnostic.tsv, which has no labels;
+  # SuperGLUE's AX-b.jsonl and AX-g.jsonl) as TFDS reads it; expected: what T5's
+  # glue_utils.get_glue_text_preprocessor makes of it (ax as mnli, axb and axg as rte, axb's
+  # sentence1/sentence2 first renamed premise/hypothesis by the rekey in T5's tasks.py).
+  cat = {"premise": "The cat sat on the mat.", "hypothesis": "The cat did not sit on the mat."}
+  examples = {
+      "ax": [{**cat, "label": -1, "idx": 0}],
+      "axb": [{"sentence1": cat["premise"], "sentence2": cat["hypothesis"], "label": 1,
+               "idx": 0}],
+      "axg": [{"premise": "The taxpayer met with the accountant to get help filing his taxes.",
+               "hypothesis": "The accountant sought help filing taxes.", "label": 1, "idx": 0}]}
+  expected = {
+      "glue_ax": ("mnli hypothesis: The cat did not sit on the mat. premise: The cat sat on the "
+                  "mat.", "<unk>"),
+      "super_glue_axb": ("rte hypothesis: The cat did not sit on the mat. premise: The cat sat "
+                         "on the mat.", "not_entailment"),
+      "super_glue_axg": ("rte hypothesis: The accountant sought help filing taxes. premise: The "
+                         "taxpayer met with the accountant to get help filing his taxes.",
+                         "not_entailment")}
+  with tfds.testing.mock_data(as_dataset_fn=_mock_examples(examples)):
+    for name, (inputs, targets) in expected.items():
+      assert set(seqio.get_mixture_or_task(name).splits) == {"test"}, name
+      (ex,) = inference.task_examples(name, "test", LENGTHS)
+      assert (ex["inputs_pretokenized"], ex["targets_pretokenized"]) == (inputs, targets)
+
+
+# T5's preprocessors_test.test_wsc_simple, and its hand-blanked text (a wrong span2_index).
+WSC = [{"text": "Mitchell asked Tom if he could lend some money.", "span1_text": text,
+        "span1_index": index, "span2_text": "he", "span2_index": 4, "label": label, "idx": idx}
+       for idx, (text, index, label) in enumerate((("Tom", 2, 1), ("Mitchell", 0, 0)))]
+GOOD_FOR_HIM = list(glue.WSC_SIMPLE_BLANKED)[0]
+
+
+def test_wsc_simple_matches_t5s_published_examples():
+  wsc = {"wsc.fixed": WSC + [{"text": GOOD_FOR_HIM, "span1_text": "John", "span1_index": 15,
+                              "span2_text": "him", "span2_index": 0, "label": 1, "idx": 2}]}
+  inputs = "wsc: Mitchell asked Tom if *he* could lend some money."
+  with tfds.testing.mock_data(as_dataset_fn=_mock_examples(wsc)):
+    train = inference.task_examples("super_glue_wsc_simple_train", "train", LENGTHS)
+    assert [(ex["inputs_pretokenized"], ex["targets_pretokenized"]) for ex in train] == [
+        (inputs, "Tom"), ('wsc: The boy continued to whip the pony , and eventually the pony '
+                          'threw him over. John laughed out quite loud. "Good for *him* ," he '
+                          'said.', "John")]
+    assert set(seqio.get_mixture_or_task("super_glue_wsc_simple_train").splits) == {"train"}
+    examples = inference.task_examples("super_glue_wsc_simple_eval", "validation", LENGTHS, 2)
+  assert [(ex["inputs_pretokenized"], ex["targets_pretokenized"], ex["label"])
+          for ex in examples] == [(inputs, "Tom", 1), (inputs, "Mitchell", 0)]
+  # The model names the referent: right where the candidate is it (label 1), and where
+  # it is not (label 0) right unless it names that candidate.
+  def scored(predictions):
+    return inference.postprocess_and_evaluate("super_glue_wsc_simple_eval", examples,
+                                              predictions)
+  assert scored(["Tom", "Tom"]) == ([1, 0], {"accuracy": 100.0})
+  assert scored(["the Tom", "Mitchell"]) == ([1, 1], {"accuracy": 50.0})
+  assert scored(["", "Tom"]) == ([-1, 0], {"accuracy": 50.0})
+
+
+def test_wsc_simple_stops_where_span2_index_is_not_the_pronoun():
+  bad = {"wsc.fixed": [{**WSC[0], "span2_index": 3}]}
+  with tfds.testing.mock_data(as_dataset_fn=_mock_examples(bad)):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="span2_index is not span2_text"):
+      inference.task_examples("super_glue_wsc_simple_eval", "validation", LENGTHS)
+
+
+def test_wsc_simple_postprocessor_as_t5s_tests():
+  # T5's postprocessors_test.test_wsc_simple: (prediction, candidate) -> names it?
+  cases = {("potato", "turnip"): 0, ("turnip", "turnip"): 1, ("the cat", "cat"): 1,
+           ("Bob's hat", "Bob"): 0, ("Bob's hat", "Bob's hat"): 1, ("potato", "Potato"): 1,
+           ("a potato", "my potato"): 1, ("fuzzy bunny", "fuzzy hungry bunny"): 1,
+           ("", "cat"): -1, ("a this", "cat"): -1}
+  for (prediction, candidate), expected in cases.items():
+    assert glue.wsc_simple_referent(prediction, example={"targets_pretokenized": candidate},
+                                    is_target=False) == expected, (prediction, candidate)
+  for label in (1, -1):
+    assert glue.wsc_simple_referent("blah", example={"label": label}, is_target=True) == label
+
+
 def test_label_names_are_tfds():
   for labels, builder in ((glue.GLUE_LABELS, "glue"), (glue.SUPER_GLUE_LABELS, "super_glue")):
     configs = tfds.builder_cls(builder).builder_configs
@@ -94,23 +181,34 @@ def test_label_names_are_tfds():
 
 def test_every_task_reads_mock_data_and_scores_perfect_predictions():
   names = [n for n in seqio.TaskRegistry.names() if n.startswith(("glue_", "super_glue_"))]
-  assert len(names) == 9 + 8
-  assert [t.name for t in seqio.get_mixture_or_task("super_glue").tasks] == sorted(
-      f"super_glue_{n}" for n in glue.SUPER_GLUE_RATES)
-  assert "glue_wnli" not in [t.name for t in seqio.get_mixture_or_task("glue").tasks]
+  assert len(names) == (9 + 1) + (8 + 2 + 2)  # with the diagnostics and wsc_simple
+  for mixture, rates in (("glue", glue.GLUE_RATES), ("super_glue", glue.SUPER_GLUE_RATES)):
+    assert [t.name for t in seqio.get_mixture_or_task(mixture).tasks] == sorted(
+        f"{mixture}_{n}" for n in rates)
+  assert "wnli" not in glue.GLUE_RATES and not set(glue.DIAGNOSTICS) & {
+      *glue.GLUE_RATES, *glue.SUPER_GLUE_RATES}
   with tfds.testing.mock_data(num_examples=4):
-    for name in names:
-      examples = inference.task_examples(name, "validation", LENGTHS)
+    # wsc_simple checks its spans, which mock data's random texts miss (tested above).
+    for name in [n for n in names if "wsc_simple" not in n]:
       benchmark = name.split("_")[-1]
-      assert all(ex["inputs_pretokenized"].startswith(benchmark + " ") for ex in examples), name
+      split = "test" if benchmark in glue.DIAGNOSTICS else "validation"
+      examples = inference.task_examples(name, split, LENGTHS)
+      formatted_as = glue.DIAGNOSTICS.get(benchmark, benchmark)
+      assert all(ex["inputs_pretokenized"].startswith(formatted_as + " ")
+                 for ex in examples), name
       assert examples[0]["inputs"][0] == 259  # [NLU]
       targets = [ex["targets_pretokenized"] for ex in examples]
-      _, perfect = inference.postprocess_and_evaluate(name, examples, targets)
+      named = None
+      if benchmark in glue.DIAGNOSTICS:  # T5 gives them no metrics; one named in gin scores
+        assert inference.postprocess_and_evaluate(name, examples, targets)[1] == {}, name
+        named = [metrics.accuracy]
+      _, perfect = inference.postprocess_and_evaluate(name, examples, targets, named)
       if benchmark == "stsb":  # random scores: correlation 1 with themselves
         assert perfect == pytest.approx({"pearson_corrcoef": 100, "spearman_corrcoef": 100})
       elif benchmark != "cola":  # cola: Matthews is 0 when mock labels are all one class
         assert perfect == pytest.approx(dict.fromkeys(perfect, 100)), (name, perfect)
-      _, wrong = inference.postprocess_and_evaluate(name, examples, ["nonsense"] * len(targets))
+      _, wrong = inference.postprocess_and_evaluate(name, examples, ["nonsense"] * len(targets),
+                                                    named)
       if benchmark == "stsb":  # constant predictions: no correlation (nan, as scipy says)
         assert all(math.isnan(v) for v in wrong.values()), wrong
       else:

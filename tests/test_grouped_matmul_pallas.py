@@ -19,7 +19,8 @@ from test_moe_dropless import MESHES, RULES, layer, layer_loss
 from ul2x import partitioning
 from ul2x.kernels import grouped_matmul_pallas as gp
 from ul2x.kernels import grouped_matmul_tpu as gt
-from ul2x.kernels.grouped_matmul import grouped_matmul, select_grouped_matmul
+from ul2x.kernels.grouped_matmul import grouped_matmul
+from ul2x.model.moe import select_grouped_matmul
 from ul2x.partitioning import topologies
 
 TINY = gp.Blocks(16, 16, 16)

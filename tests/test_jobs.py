@@ -330,9 +330,9 @@ def test_infer_reads_and_writes_text_in_the_recorded_vocabulary(tmp_path):
   from ul2x.model import TransformerConfig
   from ul2x.tasks import inference, vocabularies
   from ul2x.tasks.train_vocab import train_vocab
-  from ul2x.trainer import infer as infer_job
   from ul2x.trainer import record
   from ul2x.trainer.checkpoints import Checkpointer
+  from ul2x.trainer.predict import run_examples
   from ul2x.trainer.setup import setup
 
   train_vocab(str(tmp_path / "spm"), 400)
@@ -359,8 +359,8 @@ def test_infer_reads_and_writes_text_in_the_recorded_vocabulary(tmp_path):
                      f"--gin.infer.mode='{mode}'")
     assert result.returncode == 0, result.stderr[-3000:]
     row, = rows(out / f"prompts-{mode}-1.jsonl")
-    expected, = infer_job.run_examples(job, params, examples, mode=mode,
-                                       task_feature_lengths=lengths, batch_size=32)
+    expected, = run_examples(job, params, examples, mode=mode, task_feature_lengths=lengths,
+                             batch_size=32)
     assert row["score"] == pytest.approx(expected["score"], abs=1e-5)
     if mode == "predict":
       assert row["prediction"] == inference.decode(expected["prediction"], vocab)

@@ -13,9 +13,9 @@ import pytest
 from cli_utils import one_line_error, run_job
 from ul2x.model import TransformerConfig
 from ul2x.tasks.vocabularies import byte_vocabulary
-from ul2x.trainer import infer
 from ul2x.trainer.checkpoints import Checkpointer
 from ul2x.trainer.lm_eval_model import UL2XLM, evaluate
+from ul2x.trainer.predict import run_examples
 from ul2x.trainer.setup import setup
 
 try:
@@ -116,9 +116,8 @@ def models(tmp_path_factory, tasks_dir):
 
 
 def infer_scores(job, params, examples, lengths):
-  return [r["score"] for r in infer.run_examples(job, params, examples, mode="score",
-                                                 task_feature_lengths=lengths,
-                                                 batch_size=BATCH)]
+  return [r["score"] for r in run_examples(job, params, examples, mode="score",
+                                           task_feature_lengths=lengths, batch_size=BATCH)]
 
 
 def ids(text: str) -> np.ndarray:

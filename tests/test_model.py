@@ -47,11 +47,16 @@ def encdec_batch(enc, dec):
 
 
 def test_shapes_and_dtypes(encdec, causal_lm):
-  out = run(encdec, encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8))))
-  assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
-  out = run(causal_lm, dict(decoder_input_tokens=tokens(2, (2, 8)),
-                            decoder_target_tokens=tokens(3, (2, 8))))
-  assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
+  """float32 logits [batch, decoder length, vocab], whose row i is example i's: the
+  logits of that example run alone."""
+  for model, batch in ((encdec, encdec_batch(tokens(0, (2, 12)), tokens(1, (2, 8)))),
+                       (causal_lm, dict(decoder_input_tokens=tokens(2, (2, 8)),
+                                        decoder_target_tokens=tokens(3, (2, 8))))):
+    out = run(model, batch)
+    assert out.shape == (2, 8, 64) and out.dtype == jnp.float32
+    for i in range(2):
+      alone = run(model, {k: v[i:i + 1] for k, v in batch.items()})
+      np.testing.assert_allclose(out[i:i + 1], alone, atol=1e-5)
 
 
 def test_bfloat16_activations_keep_float32_logits(encdec):
@@ -66,13 +71,24 @@ def test_bfloat16_activations_keep_float32_logits(encdec):
 
 
 def test_padding_does_not_change_outputs(encdec):
-  enc, dec = tokens(0, (2, 12)), tokens(1, (2, 8))
-  padded = enc.at[:, 8:].set(0)
-  a = run(encdec, encdec_batch(padded, dec))
-  b = run(encdec, encdec_batch(padded.at[:, 8:].set(0), dec))
-  c = run(encdec, encdec_batch(enc[:, :8], dec))
-  np.testing.assert_allclose(a, b, atol=1e-5)
-  np.testing.assert_allclose(a, c, atol=1e-5)
+  """Padding appended to the encoder and decoder rows, as 0 tokens or as any tokens with
+  segment id 0 (as packing leaves it), leaves the real positions' logits unchanged."""
+  enc, dec = tokens(0, (2, 8)), tokens(1, (2, 6))
+  want = run(encdec, encdec_batch(enc, dec))
+  zeros = run(encdec, encdec_batch(jnp.pad(enc, ((0, 0), (0, 4))), jnp.pad(dec, ((0, 0), (0, 3)))))
+  np.testing.assert_allclose(zeros[:, :6], want, atol=1e-5)
+
+  def marked(x, key, n):
+    """x with n tokens appended, and its segment ids and positions marking them padding."""
+    real = jnp.ones_like(x)
+    return (jnp.concatenate([x, tokens(key, (2, n))], axis=1), jnp.pad(real, ((0, 0), (0, n))),
+            jnp.pad(jnp.cumsum(real, axis=1) - 1, ((0, 0), (0, n))))
+
+  (enc_p, enc_seg, enc_pos), (dec_p, dec_seg, dec_pos) = marked(enc, 2, 4), marked(dec, 3, 3)
+  packed = run(encdec, dict(encdec_batch(enc_p, dec_p), encoder_segment_ids=enc_seg,
+                            encoder_positions=enc_pos, decoder_segment_ids=dec_seg,
+                            decoder_positions=dec_pos))
+  np.testing.assert_allclose(packed[:, :6], want, atol=1e-5)
 
 
 def test_packed_segments_do_not_attend_across(encdec):

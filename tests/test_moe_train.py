@@ -15,7 +15,7 @@ import ul2x.tasks  # noqa: F401  registers the default tasks
 from ul2x import partitioning
 from ul2x.model import TransformerConfig, build_model
 from ul2x.trainer import loop, upcycling
-from ul2x.trainer.checkpoints import Checkpointer
+from ul2x.trainer.checkpoints import Checkpointer, DamagedCheckpointError
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 from train_utils import TINY, copy_batch
@@ -105,3 +105,19 @@ def test_train_job_upcycles_a_dense_checkpoint_and_logs_router_metrics(tmp_path,
     assert np.isfinite(metrics[key]), key
   tags = _tags(tmp_path / "moe" / "train")
   assert {"moe/encoder/tokens_per_expert", "moe/router_z_loss", "loss"} <= tags
+
+
+def test_a_damaged_dense_checkpoint_is_refused_in_one_line(tmp_path):
+  """Upcycling restores through checkpoints.restore: its manifest check names the file."""
+  directory = tmp_path / "dense" / "checkpoints"
+  _save_dense_checkpoint(TransformerConfig(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                                           num_encoder_layers=1, num_decoder_layers=1),
+                         str(directory))
+  files = [p for p in (directory / "1").rglob("*") if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  with open(largest, "r+b") as f:
+    f.truncate(100)
+  name = largest.relative_to(directory / "1")
+  with pytest.raises(DamagedCheckpointError, match=rf"^checkpoint {directory}/1 is damaged: file "
+                                                   rf"{name} has 100 bytes, not the \d+ saved\.$"):
+    upcycling._dense_params(str(tmp_path / "dense"))

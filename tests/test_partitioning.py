@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ul2x import partitioning
-from ul2x.partitioning import report
+from ul2x.partitioning import param_names, report
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 from train_utils import TINY, build, copy_batch
@@ -101,6 +101,17 @@ def test_byte_limit_takes_whole_numbers_of_bytes_from_gin():
                        r"a number of bytes; pass a whole number of bytes, e\.g\. "
                        r"--gin.train.max_replicated_param_bytes=1048576 \(or 1e6\)"):
       report.byte_limit(bad, option)
+
+
+def test_param_names_join_keys_with_slashes_in_jax_order():
+  """The one spelling of checkpoint restores, export mappings and the report: int layer
+  keys and sequence indices as digits, in the order jax flattens, so the names' values
+  rebuild the tree."""
+  tree = {"encoder": {"layers": {10: {"kernel": 1}, 2: {"kernel": 2}}}, "opt": [3, (4,)]}
+  names = param_names.flat_names(tree)
+  assert list(names) == ["encoder/layers/2/kernel", "encoder/layers/10/kernel", "opt/0",
+                         "opt/1/0"]
+  assert jax.tree.unflatten(jax.tree.structure(tree), list(names.values())) == tree
 
 
 def test_replicated_report_names_an_unshardable_parameter():

@@ -3,7 +3,7 @@ apart and kept out of the step time, and the ETA follows the recent steps' media
 
 import pytest
 
-from ul2x.trainer.metrics import Progress
+from ul2x.trainer.reporting import Progress
 
 METRICS = dict(loss=1.0, accuracy=0.5, learning_rate=1e-3, grad_norm=1.0)
 STEP_S = 0.125  # exact in binary, so the ETAs below are exact

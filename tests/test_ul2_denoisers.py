@@ -109,9 +109,6 @@ def test_span_corruption_denoiser(name, examples):
   # Merging back by sentinel gives the k-th chunk of the token stream, exactly.
   merged = _merge(body_inputs, body_targets, spans)
   np.testing.assert_array_equal(merged, _corpus_stream(NUM_EXAMPLES * chunk).reshape(-1, chunk))
-  print(f"\n{name}: lengths {lengths} chunk {chunk}: corruption rate {rate:.4f} "
-        f"(configured {denoiser.noise_density}), mean span {mean_span:.3f} "
-        f"(configured {denoiser.mean_noise_span_length})")
 
 
 def test_prefix_lm_denoiser(examples):
@@ -133,9 +130,6 @@ def test_prefix_lm_denoiser(examples):
   rate = (target_lengths - 1).sum() / (NUM_EXAMPLES * chunk)
   assert (target_lengths - 1).mean() == pytest.approx(mean_target, rel=0.05)
   assert rate == pytest.approx(mean_target / chunk, rel=0.05)
-  print(f"\ns: lengths {lengths} chunk {chunk}: target fraction {rate:.4f} "
-        f"(configured {mean_target / chunk:.4f}), mean target {(target_lengths - 1).mean():.3f} "
-        f"(configured {mean_target})")
 
 
 def _measured_shares(lengths: dict, count: int) -> dict[str, float]:
@@ -165,7 +159,6 @@ def _measured_shares(lengths: dict, count: int) -> dict[str, float]:
 def test_mixture_shares_match_default_rates():
   shares = _measured_shares({"inputs": 128, "targets": 64}, 6000)
   total = sum(ul2.DEFAULT_MIXING_RATES.values())
-  print("\nshares", {k: round(v, 4) for k, v in shares.items()})
   for name, share in shares.items():
     assert share == pytest.approx(ul2.DEFAULT_MIXING_RATES[name] / total, abs=0.02), name
 

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from ul2x.partitioning.param_names import flat_names
 from ul2x.trainer import integrity
 
 
@@ -140,17 +141,17 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   return directory, step
 
 
-def flat_names(tree) -> dict:
-  """{'params/encoder/layers/0/...': leaf} of a nested dict (int keys as digits)."""
-  flat = traverse_util.flatten_dict(tree)
-  return {"/".join(map(str, path)): leaf for path, leaf in flat.items()}
+def stored_params(directory: str, step: int) -> dict:
+  """The parameters stored at `step` as a tree of ShapeDtypeStructs, keys as stored (read
+  from orbax's metadata, no array bytes)."""
+  path = epath.Path(directory) / str(step) / "state"
+  tree = ocp.PyTreeCheckpointHandler().metadata(path).tree["params"]
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
 
 
 def stored_param_shapes(directory: str, step: int) -> dict[str, tuple]:
   """'encoder/...' -> shape of every parameter stored at `step`."""
-  path = epath.Path(directory) / str(step) / "state"
-  tree = ocp.PyTreeCheckpointHandler().metadata(path).tree["params"]
-  return {k: tuple(v.shape) for k, v in flat_names(tree).items()}
+  return {k: tuple(v.shape) for k, v in flat_names(stored_params(directory, step)).items()}
 
 
 def check_compatible(directory: str, step: int, abstract) -> None:
@@ -247,7 +248,6 @@ def restore_mapped_params(directory: str, step: int, params, shardings, assignme
   wins, None keeps the initialised value, no match keeps the name. Raises naming a
   parameter that is not stored (or has another shape). -> (params, names kept)."""
   stored = stored_param_shapes(directory, step)
-  paths = {"/".join(map(str, p)): p for p in traverse_util.flatten_dict(params)}
   flat, flat_shardings = flat_names(params), flat_names(shardings)
   sources, kept = {}, []
   for name, leaf in flat.items():
@@ -273,6 +273,5 @@ def restore_mapped_params(directory: str, step: int, params, shardings, assignme
   restored, _ = restore(directory, step, traverse_util.unflatten_dict(abstract, sep="/"),
                         traverse_util.unflatten_dict(shard, sep="/"))
   restored = flat_names(restored)
-  out = {paths[n]: restored["params/" + sources[n]] if n in sources else leaf
-         for n, leaf in flat.items()}
-  return traverse_util.unflatten_dict(out), kept
+  leaves = [restored["params/" + sources[n]] if n in sources else leaf for n, leaf in flat.items()]
+  return jax.tree.unflatten(jax.tree.structure(params), leaves), kept

@@ -8,10 +8,9 @@ import jax
 
 from ul2x.model.flops import training_flops_per_example
 from ul2x.partitioning import report
-from ul2x.partitioning.topologies import device_memory_bytes
+from ul2x.partitioning.topologies import device_memory_bytes, vendor_peak_flops
 from ul2x.tasks import pipeline
 from ul2x.trainer.console import say
-from ul2x.trainer.metrics import vendor_peak_flops
 from ul2x.trainer.setup import Setup
 
 GIB = 2**30
@@ -26,7 +25,7 @@ class DryRun:
   reports it (`memory_stats()['bytes_limit']`, GPU and TPU), for compile-only devices
   their kind's (partitioning/topologies.py), else unknown.
   peak_tflops: peak per device for the time bound; None: the data-sheet figure of the
-  mesh's device kind (`metrics.vendor_peak_flops`), else unknown.
+  mesh's device kind (`topologies.vendor_peak_flops`), else unknown.
   """
   device_memory_gib: float | None = None
   peak_tflops: float | None = None

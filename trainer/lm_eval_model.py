@@ -1,6 +1,7 @@
-"""A ul2x model as an lm-eval (EleutherAI's LM Evaluation Harness) model, and the lm_eval
-job: tasks run by lm-eval itself, scored and decoded with infer's batching and jitted
-functions (`tasks.inference` score/predict batches, `trainer.predict`) on the mesh.
+"""A ul2x model as an lm-eval (EleutherAI's LM Evaluation Harness) model, for the lm_eval
+job (lm_eval.py) and lm-eval during training (`trainer.hooks.LmEvalHook`): tasks run by
+lm-eval itself, scored and decoded with infer's batching and jitted functions
+(`tasks.inference` score/predict batches, `trainer.predict`) on the mesh.
 
 How a request meets the model, as in training (ids of the byte vocabulary):
 - encoder_decoder: the context (led by the mode token, then EOS) goes to the encoder,
@@ -11,7 +12,6 @@ How a request meets the model, as in training (ids of the byte vocabulary):
 A continuation is scored without EOS after it (lm-eval's loglikelihood is of the text).
 """
 
-import functools
 import os
 
 import gin
@@ -29,21 +29,12 @@ from lm_eval.tasks import TaskManager
 from ul2x.model import TransformerConfig
 from ul2x.tasks import inference
 from ul2x.tasks.vocabularies import byte_vocabulary, paradigm_token_id
-from ul2x.trainer import infer, record
-from ul2x.trainer.console import say
-from ul2x.trainer.predict import make_predict_fn, make_score_fn
+from ul2x.trainer import record
+from ul2x.trainer.predict import jitted
 from ul2x.trainer.setup import Setup, setup
 
 EOS = 1
 START = 0  # the decoder's first input (seqio shifts targets right by one 0)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted(job: Setup, max_decode_len: int | None):
-  """Scoring with greedy flags (`max_decode_len` None), or decoding that long."""
-  if max_decode_len is None:
-    return make_score_fn(job, greedy=True)
-  return make_predict_fn(job, max_decode_len=max_decode_len)
 
 
 def _bucket(n: int) -> int:
@@ -113,7 +104,7 @@ class UL2XLM(TemplateLM):
     longest first, each batch padded to a power-of-two length."""
     examples = [self._example(ctx, cont) for _, ctx, cont in requests]
     order = sorted(range(len(examples)), key=lambda i: -sum(map(len, examples[i].values())))
-    fn, results = _jitted(self.job, None), [None] * len(examples)
+    fn, results = jitted(self.job, "score", greedy=True), [None] * len(examples)
     for chunk in _chunks(order, self.batch_size):
       lengths = {key: _bucket(max(len(examples[i][key]) for i in chunk))
                  for key in ("inputs", "targets")}
@@ -164,7 +155,7 @@ class UL2XLM(TemplateLM):
       groups.setdefault(steps, []).append((i, self._example(self.tok_encode(context), None),
                                            until))
     for steps, group in groups.items():
-      fn = _jitted(self.job, steps)
+      fn = jitted(self.job, "predict", steps)
       group.sort(key=lambda item: -len(next(iter(item[1].values()))))
       for chunk in _chunks(group, self.batch_size):
         length = _bucket(max(len(next(iter(ex.values()))) for _, ex, _ in chunk))
@@ -188,12 +179,12 @@ class UL2XCheckpointLM(UL2XLM):
   model of a gin model file restored from a checkpoint through the shared setup path."""
 
   def __init__(self, gin_file: str, checkpoint_path: str, step: int | None = None,
-               mode_token: str | None = infer.TRAINED_MODE_TOKEN, **kwargs):
+               mode_token: str | None = record.TRAINED_MODE_TOKEN, **kwargs):
     gin.parse_config_file(gin_file)
     job = setup(TransformerConfig())
     state = job.restore_state(checkpoint_path, None if step is None else int(step))
-    if mode_token == infer.TRAINED_MODE_TOKEN:
-      mode_token = infer.trained_mode_token(checkpoint_path, step)
+    if mode_token == record.TRAINED_MODE_TOKEN:
+      mode_token = record.trained_mode_token(checkpoint_path, step)
     # lm-eval passes its own settings too (device, max_batch_size): only ours are read.
     options = {k: int(kwargs[k]) for k in ("batch_size", "max_length", "max_gen_toks")
                if kwargs.get(k) is not None}
@@ -225,47 +216,3 @@ def evaluate(lm: UL2XLM, tasks: list[str], *, include_path: str | None = None,
       limit=limit, log_samples=log_samples, task_manager=task_manager,
       evaluation_tracker=tracker, batch_size=lm.batch_size)
 
-
-@gin.configurable("lm_eval")
-def run_lm_eval(*, checkpoint_path: str, output_dir: str, tasks: list[str],
-                include_path: str | None = None,
-                model_config: TransformerConfig | None = None, num_fewshot: int | None = None,
-                limit: int | None = None, batch_size: int = 32, max_length: int = 2048,
-                max_gen_toks: int = 256, mode_token: str | None = infer.TRAINED_MODE_TOKEN,
-                prefix_lm: bool = False, log_samples: bool = False, step: int | None = None,
-                mesh=None) -> dict:
-  """Evaluates the checkpoint on lm-eval `tasks` (names of lm-eval's tasks or of YAML
-  tasks under `include_path`) and writes lm-eval's results JSON
-  (`output_dir/<checkpoint>/results_<date>.json`, and the samples with `log_samples`).
-  -> lm-eval's results dict."""
-  if isinstance(tasks, str):
-    tasks = [tasks]
-  if not tasks:
-    raise ValueError("LM_EVAL_TASKS is empty; name at least one lm-eval task, e.g. "
-                     "--gin.LM_EVAL_TASKS=\"['my_task']\".")
-  if max_gen_toks < 1 or max_length < 2:
-    raise ValueError(f"lm_eval.max_gen_toks={max_gen_toks} and lm_eval.max_length={max_length} "
-                     "must be at least 1 and 2.")
-  job = setup(record.model_config(checkpoint_path, model_config, step=step), mesh=mesh)
-  state = job.restore_state(checkpoint_path, step)
-  if mode_token == infer.TRAINED_MODE_TOKEN:
-    mode_token = infer.trained_mode_token(checkpoint_path, step)
-  lm = UL2XLM(job, state["params"], batch_size=batch_size, max_length=max_length,
-              max_gen_toks=max_gen_toks, mode_token=mode_token, prefix_lm=prefix_lm)
-  at = int(state["step"])
-  say(f"lm_eval: {', '.join(tasks)} with the checkpoint at step {at}")
-  tracker = EvaluationTracker(output_path=output_dir)
-  results = evaluate(lm, tasks, include_path=include_path, num_fewshot=num_fewshot,
-                     limit=limit, log_samples=log_samples, tracker=tracker,
-                     model_name=f"{checkpoint_path}-{at}")
-  samples = results.pop("samples", None)
-  if jax.process_index() == 0:
-    tracker.save_results_aggregated(results=results, samples=samples)
-    for task in results["configs"] if samples else ():
-      tracker.save_results_samples(task_name=task, samples=samples[task])
-  for task, metrics in results["results"].items():
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                      if isinstance(v, float) and "stderr" not in k)
-    say(f"{task}: {shown}")
-  say(f"wrote lm-eval results to {output_dir}")
-  return results

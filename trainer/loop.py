@@ -1,5 +1,8 @@
-"""The training job: mesh, sharded state, data, jitted steps, evaluation, checkpoints."""
+"""The training job: mesh, sharded state, data, jitted steps, the loop and its hooks,
+checkpoints."""
 
+import contextlib
+import functools
 import os
 
 import gin
@@ -18,13 +21,13 @@ from ul2x.trainer.console import say
 from ul2x.trainer.data import DataStream, check_data_shards
 from ul2x.trainer.dry_run import DryRun
 from ul2x.trainer.dry_run import dry_run as dry_run_report
-from ul2x.trainer.evaluate import Evaluator
-from ul2x.trainer.metrics import MetricsWriter, Progress, peak_flops_per_device
+from ul2x.trainer.hooks import EvalHook, Hook, InferEvalHook, LogHook, StepInfo
 from ul2x.trainer.optimizer import create_optimizer
+from ul2x.trainer.predict import Evaluator
 from ul2x.trainer.preemption import StopRequest
 from ul2x.trainer.profiling import StepProfiler, check_profile_steps
+from ul2x.trainer.reporting import MetricsWriter, Progress, peak_flops_per_device
 from ul2x.trainer.setup import Setup, setup
-from ul2x.trainer.steps import summarize
 from ul2x.trainer.watchdog import StepWatchdog
 
 
@@ -116,7 +119,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
           on_nonfinite: str = "stop",
           fallback_to_intact_checkpoint: bool = True,
           max_replicated_param_bytes: int | None = None, profile_steps=None,
-          step_timeout_s: float | None = 1800.0, dry_run: DryRun | None = None) -> dict:
+          step_timeout_s: float | None = 1800.0, hooks=(),
+          dry_run: DryRun | None = None) -> dict:
   """Trains until `train_steps`, resuming from the latest checkpoint in `model_dir`.
 
   `optimizer` is `(tx, schedule)` (gin: `train.optimizer = @create_optimizer()`),
@@ -150,6 +154,8 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
   When no step finishes within `step_timeout_s` seconds (None: no limit; the first
   step's compilation and the first evaluations' do not count), every thread's stack
   goes to MODEL_DIR/hang-<process>.txt and the process exits with status 3.
+  `hooks` are more `trainer.hooks.Hook`s, run after each step after the built-in ones
+  (logging, evaluation, decoding evaluation), e.g. `train.hooks = [@LmEvalHook()]`.
   With `dry_run` (the CLI's --dry_run) nothing is trained, read or written: the train
   step is compiled for the mesh and `dry_run.dry_run`'s report is returned.
 
@@ -222,12 +228,20 @@ def train(*, model_dir: str, train_steps: int, mixture_or_task_name: str,
       say(f"already trained to step {start} (train_steps={train_steps}) in {model_dir}; "
           "raise TRAIN_STEPS or use a new MODEL_DIR to train more.")
       return {}
-    return _loop(job, state, data_position, ckpt, data, model_dir=model_dir, start=start,
-                 train_steps=train_steps, task_feature_lengths=task_feature_lengths,
-                 batch_size=batch_size, step_options=step_options, z_loss=z_loss,
-                 log_every=log_every, eval_every=eval_every, on_nonfinite=on_nonfinite,
-                 infer_eval_every=infer_eval_every, infer_eval=infer_eval,
-                 profile_steps=profile_steps, step_timeout_s=step_timeout_s)
+    lengths = pipeline.feature_lengths_for(job.cfg.architecture, task_feature_lengths)
+    progress = Progress(train_steps, batch_size * tokens_per_example(job.cfg, lengths),
+                        batch_size * training_flops_per_example(job.cfg, lengths),
+                        peak_flops_per_device())
+    log, all_hooks = _hooks(job, data, model_dir=model_dir, start=start,
+                            train_steps=train_steps, progress=progress, log_every=log_every,
+                            z_loss=z_loss, eval_every=eval_every,
+                            infer_eval_every=infer_eval_every, infer_eval=infer_eval,
+                            profile_steps=profile_steps, step_timeout_s=step_timeout_s,
+                            extra=hooks)
+    _loop(job, state, data_position, ckpt, data[0], all_hooks, model_dir=model_dir,
+          start=start, train_steps=train_steps, step_options=step_options,
+          check_every=log_every, on_nonfinite=on_nonfinite, progress=progress)
+    return log.scalars
   finally:
     ckpt.close()
 
@@ -278,7 +292,7 @@ def _write_config(model_dir: str, job: Setup, task: str, task_feature_lengths: d
   state leaf (process 0)."""
   if jax.process_index() != 0:
     return
-  from ul2x.trainer.infer import task_mode_tokens
+  from ul2x.trainer.record import task_mode_tokens
   provider = pipeline.mixture_or_task(task)
   gin_token = gin.get_bindings("prepend_mode_token").get("mode_token")
   try:
@@ -296,71 +310,72 @@ def _write_config(model_dir: str, job: Setup, task: str, task_feature_lengths: d
                      "writable directory with --gin.MODEL_DIR.") from None
 
 
-def _loop(job: Setup, state, data_position, ckpt, data, *, model_dir, start, train_steps,
-          task_feature_lengths, batch_size, step_options, z_loss, log_every, eval_every,
-          on_nonfinite, infer_eval_every, infer_eval, profile_steps, step_timeout_s) -> dict:
-  cfg = job.cfg
-  train_stream, eval_batches = data  # the stream is at the restored position
-  step_fn = job.train_step(**step_options)
-  eval_fn = job.eval_step(z_loss=z_loss)
-  eval_data = [job.global_batch(b) for b in eval_batches or []]
-
-  lengths = pipeline.feature_lengths_for(cfg.architecture, task_feature_lengths)
-  progress = Progress(train_steps, batch_size * tokens_per_example(cfg, lengths),
-                      batch_size * training_flops_per_example(cfg, lengths),
-                      peak_flops_per_device())
+def _hooks(job: Setup, data, *, model_dir, start, train_steps, progress, log_every, z_loss,
+           eval_every, infer_eval_every, infer_eval, profile_steps, step_timeout_s,
+           extra) -> tuple[LogHook, list[Hook]]:
+  """(the logging hook, every hook in the order they run after a step)."""
   train_writer = MetricsWriter(os.path.join(model_dir, "train"))
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
-  scalars, nonfinite, checked, warm = {}, 0, start, set()
+  log = LogHook(log_every, progress, train_writer)
+  hooks = [StepWatchdog(step_timeout_s, model_dir, start),
+           StepProfiler(profile_steps, os.path.join(model_dir, "profile"), start), log]
+  if data[1]:
+    hooks.append(EvalHook(eval_every, job.eval_step(z_loss=z_loss),
+                          [job.global_batch(b) for b in data[1]], eval_writer))
+  if infer_eval:
+    hooks.append(InferEvalHook(infer_eval_every, infer_eval, eval_writer))
+  return log, hooks + list(extra)
+
+
+def _loop(job: Setup, state, data_position, ckpt, train_stream, hooks: list[Hook], *,
+          model_dir, start, train_steps, step_options, check_every, on_nonfinite,
+          progress) -> None:
+  """Steps from `start` to `train_steps`: after each step the non-finite check (every
+  `check_every` steps and before a save), then the hooks, then the checkpoint; a stop
+  request ends the loop after saving. Checkpoints and stops stay here, not in hooks: a
+  save must follow the check, and a stop must follow the save."""
+  step_fn = job.train_step(**step_options)
+  nonfinite, checked = 0, start
   progress.mark(start)
-  with (StopRequest() as stop,
-        StepProfiler(profile_steps, os.path.join(model_dir, "profile"), start) as profiler,
-        StepWatchdog(step_timeout_s, model_dir, start) as watchdog):
+
+  @contextlib.contextmanager
+  def pause(step: int, first: bool):
+    with contextlib.ExitStack() as paused:
+      for hook in hooks:
+        paused.enter_context(hook.paused(first))
+      yield
+    progress.mark(step)  # the hook's time is no step time
+
+  with StopRequest() as stop, contextlib.ExitStack() as entered:
+    for hook in hooks:
+      entered.enter_context(hook)
     for step in range(start + 1, train_steps + 1):
-      with profiler.step(step):
+      compiling = step == start + 1
+      with contextlib.ExitStack() as around:
+        for hook in hooks:
+          around.enter_context(hook.around_step(step, compiling))
         batch = job.global_batch(next(train_stream))
-        with (watchdog.paused(step == start + 1),  # compiling
-              progress.paused("compile", step == start + 1)):
+        with progress.paused("compile", compiling):
           state, metrics = step_fn(state, batch)
-      watchdog.finished(step)
-      profiler.after(step, metrics)
       data_position["train_batches"] += 1
       nonfinite = nonfinite + metrics["nonfinite"]  # on the device: no sync per step
       stopping = stop.requested()
       final = step == train_steps or stopping
-      if step % log_every == 0 or final or ckpt.due(step):
+      if step % check_every == 0 or final or ckpt.due(step):
         _check_finite(int(nonfinite), on_nonfinite, checked, step, ckpt)
         checked = step
-      if step % log_every == 0 or final:
-        metrics = jax.device_get(metrics)
-        scalars = progress.report(step, {**metrics, "skipped_steps": int(nonfinite)})
-        train_writer.write(step, {**metrics, **scalars})
-      if eval_data and (step % eval_every == 0 or step == train_steps):
-        with watchdog.paused("eval" not in warm):
-          sums = [jax.device_get(eval_fn(state["params"], b)) for b in eval_data]
-        warm.add("eval")
-        totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-        eval_scalars = {k: float(v) for k, v in summarize(totals).items()}
-        eval_writer.write(step, eval_scalars)
-        say(f"eval step {step}  loss {eval_scalars['loss']:.4f}  "
-            f"acc {eval_scalars['accuracy']:.3f}")
-        progress.mark(step)
-      if infer_eval and (step % infer_eval_every == 0 or step == train_steps):
-        with watchdog.paused("infer_eval" not in warm):
-          results = infer_eval(state["params"])
-        warm.add("infer_eval")
-        eval_writer.write(step, results)
-        say(f"infer eval step {step}  "
-            + "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
-        progress.mark(step)
+      info = StepInfo(step, state, metrics, last=step == train_steps, final=final,
+                      skipped_steps=nonfinite, job=job, model_dir=model_dir,
+                      pause=functools.partial(pause, step))
+      for hook in hooks:
+        hook.after(info)
       with progress.paused("save", ckpt.due(step, final)):
         ckpt.maybe_save(step, state, data_position, final=final, data_stream=train_stream)
       if stopping:
         ckpt.wait()
         say(f"stopped by {stop.signal_name or 'a peer'} at step {step}: checkpoint saved in "
             f"{ckpt.directory}; run the same command again to resume.")
-        return scalars
+        return
   ckpt.wait()
   say(f"checkpoints: {ckpt.directory}\ntensorboard: {os.path.abspath(model_dir)} "
       f"(tensorboard --logdir {os.path.abspath(model_dir)})")
-  return scalars

@@ -1,9 +1,17 @@
-"""Jitted decoding and scoring of batches with a `Setup`'s model, on its mesh.
+"""The one decoding module: jitted decoding and scoring of prompt batches with a `Setup`'s
+model on its mesh, run over examples for the infer and eval jobs, lm-eval and the
+training loop's evaluation (`Evaluator`).
 
 Decoding runs the model's key/value cache (`model.init_decoding` / `model.decode`)
 under a search of model/decoding.py; `cached=False` is its reference twin, which
 recomputes the whole sequence at every step and reads the logits at the row's position.
+Examples (tasks/inference.py, seqio) are imported where they are read: the export job
+imports this module for `make_predict_fn` alone, without seqio.
 """
+
+import functools
+import sys
+import time
 
 import gin
 import jax
@@ -11,11 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ul2x import partitioning
-from ul2x.model import cache as kv_cache
-from ul2x.model import decoding
+from ul2x.model import decoding, kv_cache
 from ul2x.model.contract import LOSS_WEIGHTS, STACK_TOKENS, TARGETS
+from ul2x.trainer.console import say
+from ul2x.trainer.setup import Setup
 
 METHODS = ("greedy", "sample", "beam")
+MODES = ("predict", "score")  # run_examples: decode, or score given targets
 
 
 def _cached(graphdef, params, batch, max_decode_len: int):
@@ -114,3 +124,115 @@ def make_score_fn(job, *, greedy: bool = False):
     return total, jnp.all(best | (batch[LOSS_WEIGHTS] == 0), axis=1)
 
   return jax.jit(score, in_shardings=(job.shardings["params"], job.batch_sharding))
+
+
+
+class ProgressBar:
+  """`done/total examples  rate  ETA` on one updating line; off a tty (a log file), the
+  last line only, and one a minute before it on long runs."""
+
+  LOG_EVERY_S = 60.0
+
+  def __init__(self, total: int, what: str):
+    self.total, self.what = total, what
+    self.start = self.shown = time.perf_counter()
+    self.tty = sys.stdout.isatty()
+
+  def update(self, done: int):
+    now = time.perf_counter()
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    if not self.tty and done < self.total and now - self.shown < self.LOG_EVERY_S:
+      return
+    self.shown = now
+    start = "\r" if self.tty else ""
+    say(f"{start}{self.what} {done}/{self.total}  {rate:.1f} ex/s  "
+        f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+        end="" if self.tty and done < self.total else "\n")
+
+
+@functools.lru_cache(maxsize=16)
+def jitted(job: Setup, mode: str, max_decode_len: int | None = None, greedy: bool = False):
+  """One jitted function per job, mode and length, reused by every call (each in-training
+  evaluation, each lm-eval batch): `make_predict_fn` decoding `max_decode_len` tokens
+  (mode 'predict') or `make_score_fn(greedy=greedy)` ('score')."""
+  if mode == "predict":
+    return make_predict_fn(job, max_decode_len=max_decode_len)
+  return make_score_fn(job, greedy=greedy)
+
+
+def run_examples(job: Setup, params, examples, *, mode: str, task_feature_lengths: dict,
+                 batch_size: int, max_decode_len: int | None = None, seed: int = 0,
+                 what: str = "infer") -> list[dict]:
+  """Decodes (mode 'predict') or scores ('score') `examples` (tasks.inference format)
+  -> per example {'prediction': ids without padding, 'score': float} ('score' only)."""
+  from ul2x.tasks import inference
+  if mode not in MODES:
+    raise ValueError(f"infer.mode={mode!r} is not one of {MODES}.")
+  arch = job.cfg.architecture
+  if mode == "predict":
+    fn = jitted(job, mode, max_decode_len or task_feature_lengths.get("targets"))
+    batches = inference.predict_batches(examples, architecture=arch, batch_size=batch_size,
+                                        task_feature_lengths=task_feature_lengths)
+  else:
+    fn = jitted(job, mode)
+    batches = inference.score_batches(examples, architecture=arch, batch_size=batch_size,
+                                      task_feature_lengths=task_feature_lengths)
+  results, bar, key = [], ProgressBar(len(examples), what), jax.random.key(seed)
+  for i, (batch, rows) in enumerate(batches):
+    batch = job.global_batch(batch)
+    if mode == "predict":
+      tokens, scores = jax.device_get(fn(params, batch, jax.random.fold_in(key, i)))
+      results += [{"prediction": _until_eos(t), "score": float(s)}
+                  for t, s in zip(tokens[:rows], scores[:rows])]
+    else:
+      results += [{"score": float(s)} for s in jax.device_get(fn(params, batch))[:rows]]
+    bar.update(len(results))
+  return results
+
+
+def _until_eos(tokens) -> list[int]:
+  tokens = [int(t) for t in tokens]
+  return tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
+
+
+def metric_tasks(name: str, named_metrics: bool = False) -> list[str]:
+  """The task `name`, or a mixture's member tasks, that have metric functions (all of
+  them when the metrics are named in gin)."""
+  from ul2x.tasks import pipeline
+  provider = pipeline.mixture_or_task(name)
+  tasks = getattr(provider, "tasks", [provider])
+  names = [t.name for t in tasks if t.predict_metric_fns or named_metrics]
+  if not names:
+    raise ValueError(f"{name!r} has no metric functions to evaluate; register the task with "
+                     "metric_fns (e.g. register_finetune_task(..., metric_fns=[exact_match])).")
+  return names
+
+
+class Evaluator:
+  """Decodes each task's examples with given params and applies the task's metrics: the
+  eval job's, and the training loop's every `train.infer_eval_every` steps."""
+
+  def __init__(self, job: Setup, mixture_or_task_name: str, *, split: str,
+               task_feature_lengths: dict, batch_size: int, max_decode_len: int | None,
+               num_examples: int | None, metric_names=None):
+    from ul2x.tasks import inference, metrics
+    self.job, self.batch_size, self.lengths = job, batch_size, task_feature_lengths
+    self.max_decode_len = max_decode_len
+    self.metric_fns = None if metric_names is None else metrics.metric_fns(metric_names)
+    self.examples = {t: inference.task_examples(t, split, task_feature_lengths, num_examples)
+                     for t in metric_tasks(mixture_or_task_name, metric_names is not None)}
+
+  def __call__(self, params) -> dict[str, float]:
+    """-> {'<task>/<metric>': value}."""
+    from ul2x.tasks import inference
+    results = {}
+    for task, examples in self.examples.items():
+      decoded = run_examples(self.job, params, examples, mode="predict", what=f"eval {task}",
+                             task_feature_lengths=self.lengths, batch_size=self.batch_size,
+                             max_decode_len=self.max_decode_len)
+      vocabulary = inference.targets_vocabulary(task)
+      texts = [inference.decode(r["prediction"], vocabulary) for r in decoded]
+      _, values = inference.postprocess_and_evaluate(task, examples, texts, self.metric_fns)
+      results.update({f"{task}/{k}": float(v) for k, v in values.items()})
+    return results

@@ -6,6 +6,7 @@ import contextlib
 import jax
 
 from ul2x.trainer.console import say
+from ul2x.trainer.hooks import Hook
 
 
 def check_profile_steps(profile_steps, train_steps: int) -> None:
@@ -22,8 +23,8 @@ def check_profile_steps(profile_steps, train_steps: int) -> None:
         "--gin.train.profile_steps=(10, 12) traces steps 10 to 12, None traces none.")
 
 
-class StepProfiler:
-  """Traces the steps first..last (those of them a run from `start` takes) into
+class StepProfiler(Hook):
+  """A hook that traces the steps first..last (those of them a run from `start` takes) into
   `directory`, each step annotated for the profile plugin's step view."""
 
   def __init__(self, profile_steps, directory: str, start: int):
@@ -32,14 +33,11 @@ class StepProfiler:
     self.directory = directory
     self.tracing = False
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self._stop()
 
   @contextlib.contextmanager
-  def step(self, step: int):
+  def around_step(self, step: int, compiling: bool):
     if step == self.first and step <= self.last:
       jax.profiler.start_trace(self.directory)
       self.tracing = True
@@ -49,10 +47,10 @@ class StepProfiler:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       yield
 
-  def after(self, step: int, outputs) -> None:
-    """Ends the trace after its last step, once that step's `outputs` are computed."""
-    if self.tracing and step == self.last:
-      jax.block_until_ready(outputs)
+  def after(self, info) -> None:
+    """Ends the trace after its last step, once that step's outputs are computed."""
+    if self.tracing and info.step == self.last:
+      jax.block_until_ready(info.metrics)
       self._stop()
       say(f"profile of steps {self.first}-{self.last}: {self.directory} (TensorBoard's "
           "Profile tab, with the tensorboard-plugin-profile package)")

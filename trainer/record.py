@@ -1,8 +1,11 @@
 """What a checkpoint is: MODEL_DIR/ul2x_model.json records the model config, the
 vocabulary (its SentencePiece file copied beside it), the task, its mode tokens and
 feature lengths, so that infer, eval, export and fine-tuning need only the checkpoint's
-path; `model_config` reconciles the record with a gin model, if one is given."""
+path; `model_config` reconciles the record with a gin model, if one is given, and
+`job_settings` fills in what a job leaves to the record. For checkpoints saved before
+records, `trained_mode_token` reads the run's MODEL_DIR/config.gin instead."""
 
+import ast
 import dataclasses
 import json
 import os
@@ -12,6 +15,7 @@ import gin
 
 from ul2x.model import TransformerConfig
 from ul2x.trainer import checkpoints
+from ul2x.trainer.console import say
 
 RECORD = "ul2x_model.json"
 SPIECE = "spiece.model"
@@ -24,6 +28,12 @@ FIXED = ("architecture", "vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_
          "position", "relative_buckets", "relative_max_distance", "rope_max_wavelength",
          "scan_layers", "num_experts", "moe_layer_interval", "expert_mlp_dim",
          "encoder_router", "decoder_router")
+# A job's mode_token default: the mode token of the task the checkpoint was trained on.
+TRAINED_MODE_TOKEN = "auto"
+# What a job may leave to the record: (what it is, the macro that sets it, an example).
+LEFT_TO_RECORD = {"task": ("task", "MIXTURE_OR_TASK_NAME", "'my_task'"),
+                  "task_feature_lengths": ("feature lengths", "TASK_FEATURE_LENGTHS",
+                                           "{'inputs': 128, 'targets': 64}")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +94,10 @@ def write(model_dir: str, cfg: TransformerConfig, *, vocabulary=None,
 
 
 def model_dir_of(checkpoint_path: str, step: int | None = None) -> str:
-  """The MODEL_DIR of a checkpoint path (a MODEL_DIR, its checkpoints/ or checkpoints/N)."""
+  """The MODEL_DIR of a checkpoint path (a MODEL_DIR, its checkpoints/ or checkpoints/N);
+  a MODEL_DIR with a record and no checkpoint yet (a hook in its first steps) is one too."""
+  if step is None and os.path.isfile(os.path.join(checkpoint_path, RECORD)):
+    return checkpoint_path
   directory, _ = checkpoints.find_checkpoint(checkpoint_path, step)
   return os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
 
@@ -124,7 +137,12 @@ def model_config(checkpoint_path: str, given: TransformerConfig | None = None, *
   over it, or without a record, the gin model alone. With `fixed`, a value that
   contradicts the record in a FIXED field is refused (fine-tuning passes False: a new
   model shape is what train.init_assignment_map is for)."""
-  record = read(checkpoint_path, step)
+  return _reconciled(read(checkpoint_path, step), checkpoint_path, given, fixed)
+
+
+def _reconciled(record: Record | None, checkpoint_path: str,
+                given: TransformerConfig | None, fixed: bool) -> TransformerConfig:
+  """`model_config` over a record already read."""
   if given is not None:
     if record is not None and fixed:
       _check(record, dataclasses.asdict(given), "the model config")
@@ -142,24 +160,104 @@ def model_config(checkpoint_path: str, given: TransformerConfig | None = None, *
   return dataclasses.replace(record.config, **bindings)
 
 
-def task(checkpoint_path: str, given: str | None, flag: str = "MIXTURE_OR_TASK_NAME") -> str:
-  """`given`, or by default the task or mixture the checkpoint was trained on."""
-  if given:
-    return given
-  record = read(checkpoint_path)
-  if record is None or not record.task:
-    raise ValueError(f"checkpoint {checkpoint_path!r} records no task; pass "
-                     f"--gin.{flag}=\"'my_task'\".")
-  return record.task
+def job_settings(checkpoint_path: str, model_config: TransformerConfig | None, *,
+                 step: int | None = None, **given) -> tuple:
+  """(the model, then each of `given` in its order: `task=`, `task_feature_lengths=`) of
+  a job over the checkpoint, from one read of its record: the model as `model_config`
+  reconciles it; each other setting as given or, where the run file leaves it None, as
+  the checkpoint records it."""
+  record = read(checkpoint_path, step)
+  settings = [_reconciled(record, checkpoint_path, model_config, fixed=True)]
+  for name, value in given.items():
+    if value is None or value == "":  # an empty MIXTURE_OR_TASK_NAME names no task either
+      value = getattr(record, name, None)
+      if not value:
+        what, macro, example = LEFT_TO_RECORD[name]
+        raise ValueError(f"checkpoint {checkpoint_path!r} records no {what}; pass "
+                         f"--gin.{macro}=\"{example}\".")
+    settings.append(value)
+  return tuple(settings)
 
 
-def task_feature_lengths(checkpoint_path: str, given: dict | None,
-                         flag: str = "TASK_FEATURE_LENGTHS") -> dict:
-  """`given`, or by default the feature lengths the checkpoint was trained with."""
-  if given is not None:
-    return given
-  record = read(checkpoint_path)
-  if record is None or not record.task_feature_lengths:
-    raise ValueError(f"checkpoint {checkpoint_path!r} records no feature lengths; pass "
-                     f"--gin.{flag}=\"{{'inputs': 128, 'targets': 64}}\".")
-  return record.task_feature_lengths
+def _config_bindings(path: str) -> dict:
+  """{'name': value} of the top-level bindings and macros in a gin file as training writes
+  it (`gin.config_str()`, one per line); a value that is not a Python literal (a
+  `%MACRO` or `@reference`, a value spread over lines) is kept as its text."""
+  bindings = {}
+  with open(path) as f:
+    for line in f:
+      name, sep, value = line.rstrip("\n").partition(" = ")
+      if sep and name and not name[0].isspace() and not name.startswith("#"):
+        try:
+          bindings[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          bindings[name] = value
+  return bindings
+
+
+def _task_mode_token(task, gin_token: str | None) -> str | None:
+  """The mode token that leads `task`'s inputs: fixed by its registration
+  (`register_finetune_task(..., mode_token=)`, a UL2 denoiser's `paradigm_token`) or,
+  for a bare `prepend_mode_token`, `gin_token`, the one training chose in gin."""
+  from ul2x.tasks import preprocessors  # seqio: only where a task is at hand
+  for fn in task.preprocessors:
+    if fn is preprocessors.prepend_mode_token:
+      return gin_token
+    keywords = getattr(fn, "keywords", {})
+    token = keywords.get("mode_token") or keywords.get("paradigm_token")
+    if token:
+      return token
+  return None
+
+
+def task_mode_tokens(provider, gin_token: str | None) -> set:
+  """The mode tokens that lead the inputs of a task or a mixture's tasks (None: none)."""
+  return {_task_mode_token(t, gin_token) for t in getattr(provider, "tasks", [provider])}
+
+
+def trained_mode_token(checkpoint_path: str, step: int | None = None) -> str | None:
+  """The mode token of the task or mixture the checkpoint was trained on, as its record
+  or, for older checkpoints, its MODEL_DIR/config.gin names it, said on the console;
+  None if the task had none, or if there is neither file or the task is not registered
+  and chose no token in gin."""
+  saved = read(checkpoint_path, step)
+  if saved is not None:
+    if not saved.task:
+      return None
+    return _said_mode_token(saved.task, set(saved.mode_tokens) or {None})
+  config = os.path.join(model_dir_of(checkpoint_path, step), "config.gin")
+  if not os.path.isfile(config):
+    return None
+  bindings = _config_bindings(config)
+  name = bindings.get("train.mixture_or_task_name")
+  if isinstance(name, str) and name.startswith("%"):
+    name = bindings.get(name[1:])
+  if not isinstance(name, str):
+    return None
+  gin_token = bindings.get("prepend_mode_token.mode_token")
+  from ul2x.tasks import pipeline  # seqio: only for a checkpoint saved without a record
+  try:
+    provider = pipeline.mixture_or_task(name)
+  except ValueError:
+    if gin_token is None:
+      return None
+    raise ValueError(
+        f"the checkpoint was trained on {name!r} with prepend_mode_token.mode_token="
+        f"{gin_token!r} ({config}), but {name!r} is not registered here; add the gin file "
+        f"that imports the module registering it, or pass --gin.infer.mode_token=\"'{gin_token}'\" "
+        "(or =None for no mode token).") from None
+  return _said_mode_token(name, task_mode_tokens(provider, gin_token))
+
+
+def _said_mode_token(name: str, tokens: set) -> str | None:
+  if tokens == {None}:
+    return None
+  if len(tokens) > 1:
+    say(f"infer: {name!r}, which the checkpoint was trained on, leads its inputs with "
+        f"{', '.join(sorted(t or 'none' for t in tokens))}; prompts get no mode token unless "
+        "--gin.infer.mode_token names one")
+    return None
+  token, = tokens
+  say(f"infer: prompts get the mode token {token!r} of {name!r}, which the checkpoint was "
+      "trained on; pass --gin.infer.mode_token=... (None for none) to change it")
+  return token

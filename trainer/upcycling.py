@@ -2,11 +2,8 @@
 run's params from the latest checkpoint of its dense twin (like T5X's
 `state_transformation_fns`, applied to what `trainer/checkpoints.py` finds)."""
 
-import os
-
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from ul2x.trainer import checkpoints
 from ul2x.trainer.console import say
@@ -21,18 +18,19 @@ def restore_upcycled_params(path: str, params: dict, shardings, cfg) -> dict:
 
 
 def _dense_params(path: str) -> dict:
-  """Params of the latest checkpoint under `path`: a MODEL_DIR or its checkpoints/."""
+  """Params of the latest checkpoint under `path`: a MODEL_DIR or its checkpoints/, all
+  that it stores, read by `checkpoints.restore` (so a damaged checkpoint is refused in
+  one line); `upcycle_dense_params` then checks them against the MoE model."""
   try:
     directory, step = checkpoints.find_checkpoint(path)
   except ValueError as e:
     raise ValueError(f"train.init_from_dense_checkpoint={e}") from None
-  manager = ocp.CheckpointManager(os.path.abspath(directory))  # orbax reads absolute paths
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    manager.close()
+  abstract = {"params": checkpoints.stored_params(directory, step)}
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state, _ = checkpoints.restore(directory, step, abstract,
+                                 jax.tree.map(lambda _: one_device, abstract))
   say(f"upcycling the dense checkpoint {directory} at step {step}")
-  return jax.device_get(restored["state"]["params"])  # host arrays: placed by the caller's jit
+  return jax.device_get(state["params"])  # host arrays: placed by the caller's jit
 
 
 def upcycle_dense_params(dense: dict, moe: dict, cfg) -> dict:

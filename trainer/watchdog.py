@@ -10,11 +10,13 @@ import time
 
 import jax
 
+from ul2x.trainer.hooks import Hook
+
 HANG_EXIT = 3  # the exit status of a job the watchdog ended
 
 
-class StepWatchdog:
-  """Within `with`, a daemon thread exits the process (status HANG_EXIT) when no step
+class StepWatchdog(Hook):
+  """A hook: within `with`, a daemon thread exits the process (status HANG_EXIT) when no step
   has finished for `timeout_s` seconds (None: never), after writing every thread's
   Python stack to `<directory>/hang-<process>.txt` and one line naming the step and
   that file. Time inside `paused()` (compilation) does not count."""
@@ -34,9 +36,12 @@ class StepWatchdog:
   def __exit__(self, *exc):
     self.done.set()
 
-  def finished(self, step: int) -> None:
-    """Step `step` has finished (been dispatched): the clock starts again."""
-    self.step, self.last = step, time.monotonic()
+  def around_step(self, step: int, compiling: bool):
+    return self.paused(compiling)
+
+  def after(self, info) -> None:
+    """Step `info.step` has finished (been dispatched): the clock starts again."""
+    self.step, self.last = info.step, time.monotonic()
 
   @contextlib.contextmanager
   def paused(self, pause: bool = True):

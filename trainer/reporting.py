@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard events, console progress lines, peak FLOPs for MFU."""
+"""What the training loop reports: TensorBoard events, console progress lines, MFU."""
 
 import collections
 import contextlib
@@ -8,14 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device from vendor data sheets; first substring match wins.
-# JAX names a v5e "TPU v5 lite", a v5p "TPU v5" and a v6e "TPU v6 lite".
-_PEAK_FLOPS = {
-    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12,
-}
-
+from ul2x.partitioning.topologies import vendor_peak_flops
 
 def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   """Per-device float32 FLOP/s of n x n matmuls run on all local devices at once:
@@ -32,14 +25,6 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     a = matmul(a)
   a.block_until_ready()
   return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def vendor_peak_flops(device_kind: str) -> float | None:
-  """The data-sheet dense bf16 peak FLOP/s of a device kind, or None if unknown."""
-  for name, flops in _PEAK_FLOPS.items():
-    if name.lower() in device_kind.lower():
-      return flops
-  return None
 
 
 def peak_flops_per_device() -> float:
