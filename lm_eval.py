@@ -39,6 +39,7 @@ def run_lm_eval(*, checkpoint_path: str, output_dir: str, tasks: list[str],
   if max_gen_toks < 1 or max_length < 2:
     raise ValueError(f"lm_eval.max_gen_toks={max_gen_toks} and lm_eval.max_length={max_length} "
                      "must be at least 1 and 2.")
+  lm_eval_model.check_vocabulary(checkpoint_path, step)
   job = setup(record.model_config(checkpoint_path, model_config, step=step), mesh=mesh)
   state = job.restore_state(checkpoint_path, step)
   if mode_token == record.TRAINED_MODE_TOKEN:

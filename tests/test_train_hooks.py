@@ -41,3 +41,20 @@ def test_lm_eval_during_training_equals_the_lm_eval_job(tmp_path):
   one_line_error(run_job("train", *TRAIN, f"--gin.MODEL_DIR='{tmp_path / 'bad'}'", *hook,
                          "--gin.LmEvalHook.tasks=['no_such_task']"), "no_such_task")
   assert not (tmp_path / "bad").exists()
+
+
+def test_lm_eval_refuses_a_vocabulary_other_than_bytes(tmp_path):
+  import dataclasses
+
+  import pytest
+
+  from ul2x.model import TransformerConfig
+  from ul2x.trainer import lm_eval_model, record
+  (tmp_path / record.RECORD).write_text(json.dumps(
+      {"model": dataclasses.asdict(TransformerConfig()), "vocabulary": {"type": "hf",
+                                                                        "dir": "hf_tokenizer"}}))
+  with pytest.raises(ValueError, match="records a 'hf' vocabulary"):
+    lm_eval_model.check_vocabulary(str(tmp_path))
+  (tmp_path / record.RECORD).write_text(json.dumps(
+      {"model": dataclasses.asdict(TransformerConfig()), "vocabulary": {"type": "byte"}}))
+  lm_eval_model.check_vocabulary(str(tmp_path))

@@ -146,6 +146,7 @@ class LmEvalHook(PeriodicHook):
     if self.writer is None:  # the first run: the run's record is written by now
       from ul2x.trainer import record
       from ul2x.trainer.reporting import MetricsWriter
+      self.lm_eval_model.check_vocabulary(info.model_dir)
       self.writer = MetricsWriter(directory)
       if self.options["mode_token"] is None:
         self.options["mode_token"] = record.trained_mode_token(info.model_dir)

@@ -192,6 +192,18 @@ class UL2XCheckpointLM(UL2XLM):
                      prefix_lm=str(kwargs.get("prefix_lm", False)) == "True", **options)
 
 
+def check_vocabulary(checkpoint_path: str, step: int | None = None) -> None:
+  """Refuses a checkpoint whose record names a vocabulary other than bytes: `UL2XLM`
+  reads and writes text as bytes only, so its ids would be wrong."""
+  saved = record.read(checkpoint_path, step)
+  kind = ((saved.vocabulary or {}).get("type", "unknown") if saved else "byte")
+  if kind != "byte":
+    raise ValueError(f"{checkpoint_path} records a {kind!r} vocabulary; lm-eval through ul2x "
+                     "reads text as bytes only so far (docs/lm_eval.md), so it would score "
+                     "the wrong ids: evaluate a byte-vocabulary checkpoint, or export it and "
+                     "use lm-eval's hf model.")
+
+
 def check_tasks(task_manager: TaskManager, tasks: list[str], include_path: str | None):
   unknown = [t for t in tasks if t not in task_manager.all_tasks]
   if unknown:
