@@ -47,7 +47,7 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
   default to those the checkpoint records. Returns the new rows."""
   import jax
 
-  from ul2x.tasks.inference import write_jsonl_atomically
+  from ul2x.tasks.inference import truncation, write_jsonl_atomically
   from ul2x.trainer import record
   from ul2x.trainer.console import say
   from ul2x.trainer.predict import Evaluator
@@ -64,6 +64,11 @@ def evaluate(*, checkpoint_path: str, output_dir: str, mixture_or_task_name: str
                         task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                         max_decode_len=max_decode_len, num_examples=num_examples,
                         metric_names=metrics)
+  for task, examples in evaluator.examples.items():
+    cut = truncation(examples, task_feature_lengths)
+    if cut:
+      say(f"eval: {task!r} cut to TASK_FEATURE_LENGTHS: {cut}; raise "
+          "--gin.TASK_FEATURE_LENGTHS to keep them whole")
   name = f"{mixture_or_task_name}-{split}"
   todo = [s for s in steps if not os.path.exists(os.path.join(output_dir, f"{name}-{s}.json"))]
   if len(todo) < len(steps):

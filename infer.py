@@ -15,15 +15,11 @@ from ul2x import gin_setup  # noqa: E402
 
 
 def _say_truncated(examples: list[dict], task_feature_lengths: dict) -> None:
-  """One line, where any input file's texts were cut to their feature length."""
+  """One line, where any example's text was cut to its feature length."""
+  from ul2x.tasks.inference import truncation
   from ul2x.trainer.console import say
-  counts = {}
-  for example in examples:
-    for key in example.get("truncated", ()):
-      counts[key] = counts.get(key, 0) + 1
-  if counts:
-    cut = ", ".join(f"{n} of {len(examples)} {key} (to {task_feature_lengths[key]} tokens)"
-                    for key, n in counts.items())
+  cut = truncation(examples, task_feature_lengths)
+  if cut:
     say(f"infer: cut to TASK_FEATURE_LENGTHS: {cut}; their rows say \"truncated\"; raise "
         "--gin.TASK_FEATURE_LENGTHS to keep them whole")
 
@@ -39,8 +35,9 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict |
   `inputs`, `prediction` (predict) or `targets` (score), and `score` (the prediction's
   log-probability, or the given targets' log-likelihood). Inputs come from the task's
   `split` or from `input_file` (.jsonl with 'inputs' [and 'targets'], else one input per
-  line) led by `mode_token` ('[NLU]', '[NLG]', '[S2S]', None for none, or by default,
-  'auto' (`record.TRAINED_MODE_TOKEN`), that of the task the checkpoint was trained on:
+  line, in the checkpoint's vocabulary: `record.text_vocabulary`) led by `mode_token`
+  ('[NLU]', '[NLG]', '[S2S]', None for none, or by default, 'auto'
+  (`record.TRAINED_MODE_TOKEN`), that of the task the checkpoint was trained on:
   `record.trained_mode_token`); `causal_prompt` continues each line as plain text with a
   decoder-only causal LM (no EOS after it, no bidirectional prefix). `model_config`: a
   `TransformerConfig`, or None for the recorded model. Returns the output path."""
@@ -66,8 +63,7 @@ def infer(*, checkpoint_path: str, output_dir: str, task_feature_lengths: dict |
                        f"predict mode, not {model_config.architecture!r} in {mode!r} mode.")
     if mode_token == record.TRAINED_MODE_TOKEN:
       mode_token = record.trained_mode_token(checkpoint_path, step)
-    saved = record.read(checkpoint_path, step)  # its vocabulary; bytes for older runs
-    vocabulary = saved.seqio_vocabulary() if saved else None
+    vocabulary = record.text_vocabulary(checkpoint_path, step)
     examples = inference.file_examples(input_file, mode_token=mode_token,
                                        task_feature_lengths=task_feature_lengths,
                                        causal_prompt=causal_prompt, vocabulary=vocabulary)

@@ -39,7 +39,8 @@ def _abstract_params(cfg: TransformerConfig) -> dict:
 def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> TransformerConfig:
   """Reads `hf_dir` (config.json and model.safetensors, sharded or not) and writes
   `model_dir/checkpoints/0` (what Setup.restore_state and train.init_checkpoint read),
-  its record with the tokenizer files of `hf_dir` (if any), and `model_dir/model.gin`;
+  its record with the tokenizer files of `hf_dir` (if any; a copy in the step too), and
+  `model_dir/model.gin`;
   staged beside `model_dir` and renamed into place. Returns the model's TransformerConfig."""
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
@@ -54,6 +55,9 @@ def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> Transf
   flat = hf.from_hf(tensors, family.rules(cfg), shapes, family.name)
   params = jax.tree_util.tree_map_with_path(lambda path, _: flat[path_name(path)], abstract)
   with files.staged_directory(model_dir, overwrite, *_FLAGS) as staging:
+    tokenizer = [os.path.join(hf_dir, name) for name in TOKENIZER_FILES
+                 if os.path.isfile(os.path.join(hf_dir, name))]
+    record.write(staging, cfg, hf_tokenizer_files=tokenizer)  # first: the step copies it
     ckpt = Checkpointer(os.path.join(staging, "checkpoints"), every=1, max_to_keep=1,
                         async_save=False)
     ckpt.maybe_save(0, {"step": np.int32(0), "params": params}, {"train_batches": 0},
@@ -61,9 +65,6 @@ def import_hf(hf_dir: str, model_dir: str, *, overwrite: bool = False) -> Transf
     ckpt.close()
     with open(os.path.join(staging, MODEL_GIN), "w") as f:
       f.write(model_gin(cfg, os.path.abspath(hf_dir)))
-    tokenizer = [os.path.join(hf_dir, name) for name in TOKENIZER_FILES
-                 if os.path.isfile(os.path.join(hf_dir, name))]
-    record.write(staging, cfg, hf_tokenizer_files=tokenizer)
   if jax.process_index() == 0:
     what = "its tokenizer files" if tokenizer else "no tokenizer (none in --hf_dir)"
     print(f"imported {family.name} from {hf_dir} to {model_dir}: checkpoints/0, "

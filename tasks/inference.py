@@ -6,7 +6,7 @@ An example is `{'inputs': int32 [n] (when there are inputs), 'targets': int32 [m
 there are targets), 'inputs_pretokenized': str, 'targets_pretokenized': str}` (each text
 beside its ids, the inputs' text without the mode token that leads its ids), each id
 sequence ending in EOS as seqio appends it and no longer than its task feature length;
-a file's example also has 'truncated': [the features cut to their length] where any was.
+'truncated': [the features cut to their length] where any was.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,9 +28,10 @@ Example = dict[str, Any]
 Batch = dict[str, np.ndarray]
 
 
-def decode(ids: Sequence[int] | np.ndarray, vocabulary: seqio.Vocabulary | None = None) -> str:
+def decode(ids: Sequence[int] | np.ndarray, vocabulary=None) -> str:
   """Text of `ids` up to the first EOS (id 1), mode tokens and sentinels spelled out
-  (`[S2S]`, `<extra_id_0>`); padding dropped. `vocabulary` defaults to bytes."""
+  (`[S2S]`, `<extra_id_0>`); padding dropped. `vocabulary`: a seqio vocabulary or a
+  `vocabularies.HFTokenizer`, by default bytes."""
   vocabulary = vocabulary or byte_vocabulary()
   ids = [int(i) for i in np.asarray(ids).reshape(-1)]
   if vocabulary.eos_id in ids:
@@ -54,7 +55,8 @@ def targets_vocabulary(name: str) -> seqio.Vocabulary:
 def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int],
                   num_examples: int | None = None) -> list[Example]:
   """Task `name`'s preprocessed examples of `split` in order (one epoch, unshuffled,
-  unpacked), truncated to `task_feature_lengths`; all of them unless `num_examples`.
+  unpacked), truncated to `task_feature_lengths` as seqio truncates them, each cut one
+  marked 'truncated'; all of them unless `num_examples`.
 
   The texts are seqio's `*_pretokenized` features when the task keeps them, else the
   ids decoded (`decode`, so a sentinel shows as e.g. `<extra_id_0>`), the inputs without
@@ -63,16 +65,59 @@ def task_examples(name: str, split: str, task_feature_lengths: Mapping[str, int]
   task = _task(name)
   pipeline.check_split(task, split)
   pipeline.check_feature_lengths(task, task_feature_lengths)
+  untrimmed, eos_after_trim = _untrimmed(task)
   with pipeline.reading(task, split):
-    ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split,
-                          shuffle=False, num_epochs=1, use_cached=False)
+    ds = untrimmed.get_dataset(sequence_length=dict(task_feature_lengths), split=split,
+                               shuffle=False, num_epochs=1, use_cached=False,
+                               trim_output_features=False)
     if num_examples is not None:
       ds = ds.take(num_examples)
-    return [_with_texts(ex, task.output_features) for ex in ds.as_numpy_iterator()]
+    return [_with_texts(_cut(ex, task.output_features, task_feature_lengths, eos_after_trim),
+                        task.output_features) for ex in ds.as_numpy_iterator()]
+
+
+def _untrimmed(task: seqio.Task) -> tuple[seqio.Task, bool]:
+  """(`task` with seqio's `append_eos_after_trim` as plain `append_eos`, whether it had
+  it): its examples as they were before seqio cut them, for `_cut` to cut and mark; a
+  copy for reading only, not registered."""
+  after_trim = seqio.preprocessors.append_eos_after_trim
+  steps = [seqio.preprocessors.append_eos if getattr(p, "func", p) is after_trim else p
+           for p in task.preprocessors]
+  had = steps != list(task.preprocessors)
+  return seqio.Task(task.name, source=task.source, output_features=task.output_features,
+                    preprocessors=steps, shuffle_buffer_size=None), had
+
+
+def _cut(ex: dict, features: Mapping[str, seqio.Feature], lengths: Mapping[str, int],
+         eos_after_trim: bool) -> dict:
+  """`ex` cut as seqio cuts it (`append_eos_after_trim`: to `length - 1`, then EOS;
+  else its final trim to `length`), 'truncated' listing the features cut."""
+  ex = dict(ex)
+  for key, feature in features.items():
+    ids, length = ex[key], lengths[key]
+    if len(ids) <= length:
+      continue
+    if eos_after_trim and feature.add_eos:
+      ex[key] = np.concatenate([ids[:length - 1], [feature.vocabulary.eos_id]]).astype(ids.dtype)
+    else:
+      ex[key] = ids[:length]
+    ex.setdefault("truncated", []).append(key)
+  return ex
+
+
+def truncation(examples: Sequence[Example], task_feature_lengths: Mapping[str, int]) -> str:
+  """'n of m inputs (to L tokens), ...' of the examples marked 'truncated' ('' if none)."""
+  counts = {}
+  for example in examples:
+    for key in example.get("truncated", ()):
+      counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"{n} of {len(examples)} {key} (to {task_feature_lengths[key]} tokens)"
+                   for key, n in counts.items())
 
 
 def _with_texts(ex: Mapping[str, Any], features: Mapping[str, seqio.Feature]) -> Example:
-  # The task's other features (e.g. GLUE's `idx/question`) are for its postprocess_fn.
+  # The task's other features (e.g. GLUE's `idx/question`) are for its postprocess_fn;
+  # 'truncated' is `_cut`'s mark.
   example = {k: v for k, v in ex.items() if k not in features}
   for key, feature in features.items():
     example[key] = np.asarray(ex[key], np.int32)
@@ -89,13 +134,14 @@ def _mode_token_ids(vocabulary: seqio.Vocabulary) -> set[int]:
   return {paradigm_token_id(vocabulary, token) for token in PARADIGM_TOKENS}
 
 
-def file_examples(path: str, *, vocabulary: seqio.Vocabulary | None = None,
+def file_examples(path: str, *, vocabulary=None,
                   mode_token: str | None = None, task_feature_lengths: Mapping[str, int],
                   causal_prompt: bool = False) -> list[Example]:
   """Examples from a file: '.jsonl' (a JSON object per line with an 'inputs' and an optional
   'targets' string) or, for any other extension, plain text with one input per non-empty line.
 
-  Tokenized with `vocabulary` (default bytes); `mode_token` ('[NLU]', '[NLG]', '[S2S]' or
+  Tokenized with `vocabulary` (a seqio vocabulary or a `vocabularies.HFTokenizer`,
+  default bytes); `mode_token` ('[NLU]', '[NLG]', '[S2S]' or
   None) leads the inputs as its single reserved id, as in training; EOS appended after
   truncating to `task_feature_lengths` ('inputs', and 'targets' when a line has targets);
   'truncated' lists the features that were cut.

@@ -17,6 +17,9 @@ never spelled out as text and split into bytes or pieces.
   user-defined pieces `[NLU] [NLG] [S2S]` (so these strings in text also encode to
   the single ids); seqio appends the sentinels as extra ids, `NUM_SENTINELS` unless
   asked for more (long X-denoiser examples need about length / 6 of them).
+- An imported model's Hugging Face tokenizer (`HFTokenizer`): its own reserved tokens
+  (e.g. T5's `<extra_id_i>`), read from text as `tokenizer(text)` reads them; a paradigm
+  token is its id only where the tokenizer has it as one token.
 """
 
 import functools
@@ -47,6 +50,39 @@ def sentencepiece_vocabulary(model_path: str,
   vocab = seqio.SentencePieceVocabulary(model_path, extra_ids=num_sentinels)
   num_sentinels_of(vocab)
   return vocab
+
+
+class HFTokenizer:
+  """An imported model's Hugging Face tokenizer files (`transformers.AutoTokenizer`) as
+  the jobs use a seqio vocabulary for a prompts file and predictions: `encode` gives the
+  ids of `tokenizer(text)` without the special tokens it adds (the EOS that infer
+  appends after cutting to length), `decode` its text of ids with its special tokens
+  spelled out and padding (0) dropped."""
+
+  def __init__(self, directory: str):
+    from transformers import AutoTokenizer  # slow to import: only for imported models
+    self.directory = directory
+    self.tokenizer = AutoTokenizer.from_pretrained(directory)
+    self.eos_id = self.tokenizer.eos_token_id
+    self.bos_id = self.tokenizer.bos_token_id
+    self.vocab_size = len(self.tokenizer)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids if int(i) != 0],
+                                 skip_special_tokens=False)
+
+  def token_id(self, token: str) -> int:
+    """The id of `token` if the tokenizer has it as one token; raises otherwise."""
+    found = self.tokenizer.get_vocab().get(token)
+    if found is None:
+      raise ValueError(f"the tokenizer in {self.directory} has no token {token!r} (its model "
+                       "was not trained with ul2x's mode tokens); pass "
+                       "--gin.infer.mode_token=None, and write the mode token in the text if "
+                       "the model reads it there.")
+    return found
 
 
 def num_sentinels_of(vocab: seqio.Vocabulary) -> int:
@@ -82,16 +118,22 @@ def sentinel_id(vocab: seqio.Vocabulary, i: int) -> int:
 
 
 def paradigm_token_id(vocab: seqio.Vocabulary, token: str) -> int:
-  """Id of the UL2 paradigm (mode) token `token`, one of `PARADIGM_TOKENS`."""
+  """Id of the UL2 paradigm (mode) token `token`, one of `PARADIGM_TOKENS` (an
+  `HFTokenizer`'s own id of it)."""
   if token not in PARADIGM_TOKENS:
     raise ValueError(f"paradigm token {token!r} is not one of {', '.join(PARADIGM_TOKENS)}.")
+  if isinstance(vocab, HFTokenizer):
+    return vocab.token_id(token)
   return (vocab.vocab_size - num_sentinels_of(vocab) - len(PARADIGM_TOKENS)
           + PARADIGM_TOKENS.index(token))
 
 
 def decode_with_reserved(vocab: seqio.Vocabulary, ids) -> str:
   """Text of `ids`, showing paradigm tokens as `[NLU]`..., sentinel i as `<extra_id_i>`
-  and EOS as `</s>`; padding is dropped. For looking at examples; training never decodes."""
+  and EOS as `</s>`; padding is dropped. For looking at examples; training never decodes.
+  An `HFTokenizer` spells its own special tokens."""
+  if isinstance(vocab, HFTokenizer):
+    return vocab.decode(ids)
   names = {paradigm_token_id(vocab, t): t for t in PARADIGM_TOKENS}
   names.update({vocab.vocab_size - 1 - i: f"<extra_id_{i}>"
                 for i in range(num_sentinels_of(vocab))})

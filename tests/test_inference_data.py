@@ -39,6 +39,28 @@ def test_reverse_task_examples_are_reversals_led_by_the_mode_token():
   assert len(default_tasks.reverse_strings("train")) == 20_000
 
 
+def test_task_examples_are_cut_as_seqio_cuts_them_and_marked():
+  lengths = {"inputs": 5, "targets": 5}
+  examples = inference.task_examples("ul2x_reverse", "validation", lengths, 30)
+  whole = inference.task_examples("ul2x_reverse", "validation", {"inputs": 9, "targets": 9}, 30)
+  task = pipeline.mixture_or_task("ul2x_reverse")
+  seqio_cut = task.get_dataset(sequence_length=lengths, split="validation", shuffle=False,
+                               num_epochs=1, use_cached=False).take(30).as_numpy_iterator()
+  marks = set()
+  for ex, expected, full in zip(examples, seqio_cut, whole, strict=True):
+    assert "truncated" not in full
+    for key in ("inputs", "targets"):
+      np.testing.assert_array_equal(ex[key], expected[key])
+    cut = [key for key in ("inputs", "targets") if len(full[key]) > lengths[key]]
+    assert ex.get("truncated", []) == cut
+    marks.add(tuple(cut))
+  assert marks == {(), ("inputs",), ("inputs", "targets")}
+  assert inference.truncation(examples, lengths) == (
+      f"{sum('inputs' in e.get('truncated', ()) for e in examples)} of 30 inputs (to 5 tokens), "
+      f"{sum('targets' in e.get('truncated', ()) for e in examples)} of 30 targets (to 5 tokens)")
+  assert inference.truncation(whole, {}) == ""
+
+
 def test_task_examples_bad_names_raise():
   with pytest.raises(ValueError, match="unknown seqio task or mixture 'nope'; registered: .*"
                                        "ul2x_reverse"):

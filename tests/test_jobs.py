@@ -184,9 +184,15 @@ def test_fine_tuning_needs_an_assignment_map_for_new_parameters(trained, tmp_pat
 
 
 def _copy_run(trained, path, task: str | None = None, extra_config: str = ""):
-  """A MODEL_DIR holding a copy of `trained`'s last checkpoint and its config.gin, with
+  """A MODEL_DIR holding a copy of `trained`'s last checkpoint, as saved before records
+  (without its step's copy of the record), and its config.gin, with
   MIXTURE_OR_TASK_NAME replaced by `task` and `extra_config` appended."""
-  shutil.copytree(trained / "checkpoints" / str(STEPS), path / "checkpoints" / str(STEPS))
+  step = path / "checkpoints" / str(STEPS)
+  shutil.copytree(trained / "checkpoints" / str(STEPS), step)
+  shutil.rmtree(step / "record")
+  manifest = json.loads((step / "ul2x_files.json").read_text())
+  (step / "ul2x_files.json").write_text(json.dumps(
+      {name: v for name, v in manifest.items() if not name.startswith("record/")}))
   config = (trained / "config.gin").read_text()
   if task:
     config = config.replace("MIXTURE_OR_TASK_NAME = 'ul2x_reverse'",

@@ -1,10 +1,12 @@
-"""Orbax checkpoints of the train state plus the input pipeline's position, and the one
-restore path (any subset of the state, checked against what is stored) every job uses."""
+"""Orbax checkpoints of the train state plus the input pipeline's position and the
+checkpoint's record, and the one restore path (any subset of the state, checked against
+what is stored) every job uses."""
 
 import concurrent.futures
 import dataclasses
 import os
 import re
+import shutil
 import sys
 from typing import Any
 
@@ -54,12 +56,49 @@ class DataIteratorsRestore(ocp.args.CheckpointArgs):
   stream: Any
 
 
+RECORD_ITEM = "record"  # the item holding a copy of MODEL_DIR's record (trainer/record.py)
+
+
+class RecordHandler(ocp.CheckpointHandler):
+  """Copies MODEL_DIR's record and its vocabulary files into the step (process 0), so a
+  step's directory copied alone still describes itself; committed, checksummed by the
+  manifest and deleted with the step."""
+
+  def save(self, directory, args: "RecordSave"):
+    if jax.process_index() != 0:
+      return
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    for path in args.files:
+      target = os.path.join(directory, os.path.basename(path))
+      if os.path.isdir(path):
+        shutil.copytree(path, target)
+      else:
+        shutil.copy(path, target)
+
+  def restore(self, directory, args: "RecordRestore"):
+    return os.fspath(directory)  # trainer/record.py reads the files where they are
+
+
+@ocp.args.register_with_handler(RecordHandler, for_save=True)
+@dataclasses.dataclass
+class RecordSave(ocp.args.CheckpointArgs):
+  files: list
+
+
+@ocp.args.register_with_handler(RecordHandler, for_restore=True)
+@dataclasses.dataclass
+class RecordRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 class Checkpointer:
   """Periodic, final and keep-N (optionally async) saves under `directory`.
 
   Each checkpoint holds the train state, as JSON the data position (`train_batches`
-  read, `data_shards`, and the process count that wrote it), and, given a DataStream,
-  its iterator states, so a resumed job continues with the next batch.
+  read, `data_shards`, and the process count that wrote it), given a DataStream, its
+  iterator states, so a resumed job continues with the next batch, and a copy of the
+  record beside `directory` in MODEL_DIR, if there is one (`RECORD_ITEM`).
   """
 
   def __init__(self, directory: str, *, every: int, max_to_keep: int,
@@ -93,6 +132,10 @@ class Checkpointer:
                  data=ocp.args.JsonSave(dict(data_position)))  # a copy: async saves
     if data_stream is not None:                                # serialize it later
       items[DATA_ITERATORS] = DataIteratorsSave(data_stream)
+    from ul2x.trainer import record  # it reads checkpoints: imported here, not above
+    files = record.files(os.path.dirname(self.directory))
+    if files:
+      items[RECORD_ITEM] = RecordSave(files)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self):

@@ -1,9 +1,11 @@
 """What a checkpoint is: MODEL_DIR/ul2x_model.json records the model config, the
 vocabulary (its SentencePiece file copied beside it), the task, its mode tokens and
 feature lengths, so that infer, eval, export and fine-tuning need only the checkpoint's
-path; `model_config` reconciles the record with a gin model, if one is given, and
-`job_settings` fills in what a job leaves to the record. For checkpoints saved before
-records, `trained_mode_token` reads the run's MODEL_DIR/config.gin instead."""
+path; each saved step carries a copy (checkpoints/N/record/, `files`), so a step's
+directory copied alone describes itself too. `model_config` reconciles the record with a
+gin model, if one is given, `job_settings` fills in what a job leaves to the record and
+`text_vocabulary` says how a prompts file's text becomes ids. For checkpoints saved
+before records, `trained_mode_token` reads the run's MODEL_DIR/config.gin instead."""
 
 import ast
 import dataclasses
@@ -93,19 +95,50 @@ def write(model_dir: str, cfg: TransformerConfig, *, vocabulary=None,
     f.write("\n")
 
 
+def files(model_dir: str) -> list[str]:
+  """MODEL_DIR's record and the vocabulary file or directory it names ([] without a
+  record): what `checkpoints.Checkpointer` copies into each step it saves."""
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    vocab = json.load(f).get("vocabulary") or {}
+  named = vocab.get("file") or vocab.get("dir")
+  return [path] + ([os.path.join(model_dir, named)] if named else [])
+
+
 def model_dir_of(checkpoint_path: str, step: int | None = None) -> str:
   """The MODEL_DIR of a checkpoint path (a MODEL_DIR, its checkpoints/ or checkpoints/N);
   a MODEL_DIR with a record and no checkpoint yet (a hook in its first steps) is one too."""
   if step is None and os.path.isfile(os.path.join(checkpoint_path, RECORD)):
     return checkpoint_path
   directory, _ = checkpoints.find_checkpoint(checkpoint_path, step)
+  return _parent(directory)
+
+
+def _parent(directory: str) -> str:
+  """The MODEL_DIR of a checkpoints directory."""
   return os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
 
 
+def _record_path(checkpoint_path: str, step: int | None) -> str:
+  """The step's own copy of the record if it has one, else its MODEL_DIR's record file
+  (which may not exist)."""
+  try:
+    directory, found = checkpoints.find_checkpoint(checkpoint_path, step)
+  except ValueError:
+    if step is None and os.path.isfile(os.path.join(checkpoint_path, RECORD)):
+      return os.path.join(checkpoint_path, RECORD)  # a MODEL_DIR with no checkpoint yet
+    raise
+  own = os.path.join(directory, str(found), checkpoints.RECORD_ITEM, RECORD)
+  return own if os.path.isfile(own) else os.path.join(_parent(directory), RECORD)
+
+
 def read(checkpoint_path: str, step: int | None = None) -> Record | None:
-  """The record of the checkpoint at `checkpoint_path`, or None for a checkpoint saved
-  without one (before records were written)."""
-  path = os.path.join(model_dir_of(checkpoint_path, step), RECORD)
+  """The record of the checkpoint at `checkpoint_path` (its step's own copy, else its
+  MODEL_DIR's), or None for a checkpoint saved without one (before records were
+  written)."""
+  path = _record_path(checkpoint_path, step)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -117,6 +150,50 @@ def read(checkpoint_path: str, step: int | None = None) -> Record | None:
                      "gin model file the checkpoint was trained with.") from None
   return Record(path, cfg, record.get("vocabulary"), record.get("task"),
                 tuple(record.get("mode_tokens") or ()), record.get("task_feature_lengths"))
+
+
+def text_vocabulary(checkpoint_path: str, step: int | None = None):
+  """The vocabulary a prompts file's text is encoded with and predictions decoded with:
+  the recorded one (an import's Hugging Face tokenizer as a `vocabularies.HFTokenizer`),
+  bytes for a checkpoint saved without a record, or for an import without tokenizer
+  files whose model has the byte vocabulary's size (ByT5's). Raises in one line where
+  that cannot be done faithfully: no tokenizer files, or a tokenizer whose EOS is not id
+  1 or that starts text with a BOS other than 0 (ul2x decodes until id 1, from id 0)."""
+  from ul2x.tasks import vocabularies  # seqio (TensorFlow): only when it is asked for
+  saved = read(checkpoint_path, step)
+  if saved is None:
+    return vocabularies.byte_vocabulary()
+  kind = (saved.vocabulary or {}).get("type")
+  if kind == "hf":
+    tokenizer = vocabularies.HFTokenizer(saved.file(saved.vocabulary["dir"]))
+    if tokenizer.eos_id != 1 or tokenizer.bos_id not in (None, 0):
+      raise ValueError(
+          f"checkpoint {checkpoint_path!r} records a Hugging Face tokenizer "
+          f"({tokenizer.directory}) with EOS id {tokenizer.eos_id} and BOS id "
+          f"{tokenizer.bos_id}, but ul2x decodes from id 0 until EOS id 1; run the model "
+          "in transformers, or import one with T5's ids (pad 0, EOS 1, no BOS).")
+    if tokenizer.vocab_size > saved.config.vocab_size:
+      raise ValueError(
+          f"checkpoint {checkpoint_path!r} records a Hugging Face tokenizer "
+          f"({tokenizer.directory}) of {tokenizer.vocab_size} ids, more than the model's "
+          f"vocab_size={saved.config.vocab_size}; import the tokenizer the model came with.")
+    return tokenizer
+  vocab = saved.seqio_vocabulary()
+  if vocab is not None:
+    return vocab
+  if kind is not None:
+    raise ValueError(f"checkpoint {checkpoint_path!r} records a vocabulary of type {kind!r}, "
+                     "which this ul2x cannot read; use the ul2x that saved it.")
+  byte = vocabularies.byte_vocabulary()
+  if saved.config.vocab_size == byte.vocab_size:
+    say(f"infer: {checkpoint_path!r} records no vocabulary; its {byte.vocab_size} ids are read "
+        "as the byte vocabulary's (ByT5's)")
+    return byte
+  raise ValueError(
+      f"checkpoint {checkpoint_path!r} records no vocabulary (e.g. imported without tokenizer "
+      f"files) and has vocab_size={saved.config.vocab_size}, not the byte vocabulary's "
+      f"{byte.vocab_size}; import it again from a directory holding its tokenizer files "
+      "(tokenizer.json or spiece.model and tokenizer_config.json).")
 
 
 def _check(record: Record, values: dict, what: str) -> None:
