@@ -5,6 +5,8 @@ costs seconds of imports; one real subprocess per entry point stays in the suite
 import contextlib
 import importlib
 import io
+import os
+import re
 import subprocess
 
 import gin
@@ -14,6 +16,14 @@ from ul2x import gin_setup
 JOBS = {"train": "ul2x.train", "infer": "ul2x.infer", "eval": "ul2x.eval",
         "export": "ul2x.export.__main__", "import_hf": "ul2x.import_hf",
         "lm_eval": "ul2x.lm_eval"}
+
+
+def cpu_env(devices: int = 8, **extra: str) -> dict:
+  """The environment of a job's subprocess: this one's (tests/conftest.py's XLA flags, so
+  the numbers equal this process's) with `devices` simulated CPU devices."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+  return dict(os.environ, JAX_PLATFORMS="cpu", **extra,
+              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}")
 
 
 def run_job(job: str, *argv) -> subprocess.CompletedProcess:

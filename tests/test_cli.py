@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from cli_utils import one_line_error, run_job
+from cli_utils import cpu_env, one_line_error, run_job
 
 BASE = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
         "--gin.TRAIN_STEPS=4", "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",
@@ -19,10 +19,8 @@ BASE = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/p
 
 
 def train_cli(*args, cwd=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "ul2x.train", *args], capture_output=True,
-                        text=True, env=env, cwd=cwd, timeout=300)
+                        text=True, env=cpu_env(8), cwd=cwd, timeout=300)
 
 
 def test_cli_trains_and_writes_model_dir(tmp_path):

@@ -18,7 +18,7 @@ from ul2x.trainer import dry_run, loop
 from ul2x.trainer.optimizer import create_optimizer
 from ul2x.trainer.setup import setup
 import compilers
-from cli_utils import one_line_error, run_job
+from cli_utils import cpu_env, one_line_error, run_job
 from train_utils import TINY
 
 LENGTHS = {"inputs": 16, "targets": 8}
@@ -128,8 +128,7 @@ def test_max_replicated_param_bytes_stops_the_job_before_any_work(tmp_path, caps
 
 
 def _cli_dry_run(model_dir, *flags, **env):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", **env)
+  env = cpu_env(8, **env)
   args = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8",
           "--gin.MIXTURE_OR_TASK_NAME='ul2x_span_corruption'",

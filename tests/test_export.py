@@ -25,7 +25,7 @@ needs_torch = pytest.mark.skipif(
     torch is None, reason="needs torch, which `.[test]` installs on Python 3.11 only: PyPI "
     "has no CPU build of torch for Linux (a CUDA build is several GB); the 3.11 leg runs it")
 
-from cli_utils import one_line_error, run_job  # noqa: E402
+from cli_utils import cpu_env, one_line_error, run_job  # noqa: E402
 from ul2x import partitioning  # noqa: E402
 from ul2x.export import files  # noqa: E402
 from ul2x.export.importer import import_hf, model_gin  # noqa: E402
@@ -353,8 +353,7 @@ def test_unsupported_hf_models_are_refused(tmp_path, config, reason):
 def test_cli_exports_and_refuses_in_one_line(tmp_path, t5_checkpoint):
   ckpt, _ = t5_checkpoint
   (tmp_path / "model.gin").write_text(model_gin(T5, "the test"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(2)
   args = [sys.executable, "-m", "ul2x.export", f"--gin_file={tmp_path}/model.gin",
           "--gin_file=gin_configs/runs/export.gin", f"--gin.CHECKPOINT_PATH='{ckpt}'",
           f"--gin.EXPORT_DIR='{tmp_path}/hf'"]

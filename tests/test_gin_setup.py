@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from cli_utils import cpu_env
 
 from ul2x import gin_setup
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-           JAX_PLATFORMS="cpu")
+ENV = cpu_env(2)
 TINY = "--gin_file=gin_configs/models/tiny.gin"
 # Each job with a config error of another kind; the script prints the heavy modules
 # imported by the time all of them have failed.

@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from cli_utils import one_line_error, run_job
+from cli_utils import cpu_env, one_line_error, run_job
 
 # Two simulated devices (data=2): a sharded batch at a fraction of eight devices' cost.
 # The Makefile runs pytest with --dist loadfile, so the trained fixture is built once.
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-           JAX_PLATFORMS="cpu")
+ENV = cpu_env(2)
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
 MODEL = "--gin_file=gin_configs/models/tiny.gin"
 TRAIN = [MODEL, "--gin_file=gin_configs/runs/pretrain.gin", LENGTHS,

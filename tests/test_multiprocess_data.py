@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
+from cli_utils import cpu_env, run_job
 from etils import epath
 
 pytestmark = pytest.mark.slow
@@ -39,8 +40,7 @@ def start(model_dir, steps: int, processes: int, *extra: str) -> list[subprocess
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+  env = cpu_env(8 // processes)
   # jax 0.12.1: processes of one job that find their programs in a persistent compilation
   # cache hang (docs/development.md), so these compile afresh.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -102,19 +102,26 @@ def assert_close(a: dict, b: dict):
   np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
 
 
+def train_here(model_dir, steps: int) -> str:
+  """The one-process job, run in this process (8 devices) while a two-process job runs."""
+  result = run_job("train", *FLAGS, f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
 def test_two_processes_train_and_resume_like_one(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
-  one_job, two_job = start(one, 4, 1), start(two, 2, 2)
-  out_one, out_two = finish(one_job), finish(two_job)
+  two_job = start(two, 2, 2)
+  out_one, out_two = train_here(one, 4), finish(two_job)
   assert "step 4/4" in out_one and "step 2/2" in out_two
   reference = losses(one)
   assert_close(losses(two), {s: reference[s] for s in (1, 2)})
 
   two_on_one = resumable_copy(two, tmp_path / "two_on_one", 2)
   one_on_two = resumable_copy(one, tmp_path / "one_on_two", 2)
-  jobs = start(two_on_one, 4, 1), start(one_on_two, 4, 2)
-  for job, model_dir, writers in zip(jobs, (two_on_one, one_on_two), (2, 1)):
-    out = finish(job)
+  one_on_two_job = start(one_on_two, 4, 2)
+  outputs = train_here(two_on_one, 4), finish(one_on_two_job)
+  for out, model_dir, writers in zip(outputs, (two_on_one, one_on_two), (2, 1)):
     assert f"resumed from {model_dir}/checkpoints at step 2" in out, out
     assert f"written by {writers} process(es)" in out and "continue unchanged" in out, out
     assert_close(losses(model_dir), {s: reference[s] for s in (3, 4)})

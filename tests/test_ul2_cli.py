@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from cli_utils import cpu_env
 
 TASK_MODULE = textwrap.dedent('''\
     """A user's task definitions (what docs/ul2.md shows): two UL2 mixtures."""
@@ -85,9 +86,8 @@ def user_dir(tmp_path_factory):
 
 def _train(user_dir, mixture: str, *extra: str) -> None:
   """Runs the CLI from `user_dir` (so gin's `import ul2_test_tasks` finds the module)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(user_dir / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = cpu_env(8, JAX_COMPILATION_CACHE_DIR=str(user_dir / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   args = ["--gin_file=gin_configs/models/tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
           f"--gin_file={user_dir / 'ul2_test.gin'}", f"--gin.MIXTURE_OR_TASK_NAME='{mixture}'",
           f"--gin.MODEL_DIR='{user_dir / mixture}'", *extra]
