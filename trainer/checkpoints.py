@@ -4,6 +4,7 @@ what is stored) every job uses."""
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -56,7 +57,20 @@ class DataIteratorsRestore(ocp.args.CheckpointArgs):
   stream: Any
 
 
-RECORD_ITEM = "record"  # the item holding a copy of MODEL_DIR's record (trainer/record.py)
+RECORD = "ul2x_model.json"  # MODEL_DIR's record of what the checkpoint is (trainer/record.py)
+RECORD_ITEM = "record"  # the item holding a copy of it in each step
+
+
+def record_files(model_dir: str) -> list[str]:
+  """MODEL_DIR's record and the vocabulary file or directory it names ([] without a
+  record): what `Checkpointer` copies into each step it saves."""
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    vocab = json.load(f).get("vocabulary") or {}
+  named = vocab.get("file") or vocab.get("dir")
+  return [path] + ([os.path.join(model_dir, named)] if named else [])
 
 
 class RecordHandler(ocp.CheckpointHandler):
@@ -132,8 +146,7 @@ class Checkpointer:
                  data=ocp.args.JsonSave(dict(data_position)))  # a copy: async saves
     if data_stream is not None:                                # serialize it later
       items[DATA_ITERATORS] = DataIteratorsSave(data_stream)
-    from ul2x.trainer import record  # it reads checkpoints: imported here, not above
-    files = record.files(os.path.dirname(self.directory))
+    files = record_files(os.path.dirname(self.directory))
     if files:
       items[RECORD_ITEM] = RecordSave(files)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)

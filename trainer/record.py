@@ -19,7 +19,7 @@ from ul2x.model import TransformerConfig
 from ul2x.trainer import checkpoints
 from ul2x.trainer.console import say
 
-RECORD = "ul2x_model.json"
+RECORD = checkpoints.RECORD  # "ul2x_model.json"
 SPIECE = "spiece.model"
 HF_TOKENIZER = "hf_tokenizer"  # an import's Hugging Face tokenizer files, copied
 # Fields that fix the parameters or the function the checkpoint computes: a gin model may
@@ -93,18 +93,6 @@ def write(model_dir: str, cfg: TransformerConfig, *, vocabulary=None,
   with open(os.path.join(model_dir, RECORD), "w") as f:
     json.dump(record, f, indent=1)
     f.write("\n")
-
-
-def files(model_dir: str) -> list[str]:
-  """MODEL_DIR's record and the vocabulary file or directory it names ([] without a
-  record): what `checkpoints.Checkpointer` copies into each step it saves."""
-  path = os.path.join(model_dir, RECORD)
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    vocab = json.load(f).get("vocabulary") or {}
-  named = vocab.get("file") or vocab.get("dir")
-  return [path] + ([os.path.join(model_dir, named)] if named else [])
 
 
 def model_dir_of(checkpoint_path: str, step: int | None = None) -> str:
