@@ -1,11 +1,14 @@
 """The shared CLI start-up of every job (train, infer, eval, lm_eval, export): T5X's flags,
 the gin config checked by gin's parser alone before the job's heavy imports (a missing
-file, a syntax error, a macro a run file declares `%gin.REQUIRED` and leaves unset), then
-loaded in full; configuration errors as one line and exit status 2."""
+file, a syntax error, a parameter one of our configurables does not have, a macro a run
+file declares `%gin.REQUIRED` and leaves unset), then loaded in full; configuration errors
+as one line and exit status 2."""
 
 import argparse
+import ast
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -117,46 +120,54 @@ class _TextOnly(config_parser.ParserDelegate):
     return _Reference(f"%{macro_name}")
 
 
-def _read_statements(statements, search: list[str], macros: dict, required: list) -> bool:
-  """Adds the unscoped macros that gin `statements` and their includes bind to `macros`
-  and those they declare `%gin.REQUIRED` to `required`; False where an include is not
-  found here (the full parse reports it)."""
+class _Read:
+  """What `check_config` reads of the gin files and bindings: the unscoped macros they
+  bind (as text), the macros they declare `%gin.REQUIRED` (in order), and their
+  parameter bindings (BindingStatements with an argument name)."""
+
+  def __init__(self):
+    self.macros, self.required, self.parameters = {}, [], []
+
+
+def _read_statements(statements, search: list[str], read: _Read) -> bool:
+  """Adds what gin `statements` and their includes bind and declare to `read`; False
+  where an include is not found here (the full parse reports it)."""
   for statement in statements:
     if isinstance(statement, config_parser.IncludeStatement):
       name = statement.filename
       found = [p for p in ([name] if os.path.isabs(name) else
                            [os.path.join(d, name) for d in [os.getcwd(), *search]])
                if os.path.isfile(p)]
-      if not found or not _read_file(found[0], search, macros, required):
+      if not found or not _read_file(found[0], search, read):
         return False
-    elif isinstance(statement, config_parser.BindingStatement) and not (
-        statement.arg_name or statement.scope):
-      macros[statement.selector] = statement.value
-      if repr(statement.value) == _GIN_REQUIRED and statement.selector not in required:
-        required.append(statement.selector)
+    elif isinstance(statement, config_parser.BindingStatement) and statement.arg_name:
+      read.parameters.append(statement)
+    elif isinstance(statement, config_parser.BindingStatement) and not statement.scope:
+      read.macros[statement.selector] = statement.value
+      if repr(statement.value) == _GIN_REQUIRED and statement.selector not in read.required:
+        read.required.append(statement.selector)
   return True
 
 
-def _read_file(path: str, search: list[str], macros: dict, required: list) -> bool:
+def _read_file(path: str, search: list[str], read: _Read) -> bool:
   """`_read_statements` of the gin file `path`; a syntax error in it as a ConfigError."""
   try:
     with open(path) as f:
-      return _read_statements(config_parser.ConfigParser(f, _TextOnly()), search, macros,
-                              required)
+      return _read_statements(config_parser.ConfigParser(f, _TextOnly()), search, read)
   except tokenize.TokenError as e:
     raise ConfigError(f"gin: {path} ends inside a bracket or string; close it.") from e
   except SyntaxError as e:
     raise ConfigError(f"gin: {' '.join(str(e).split())}") from e
 
 
-def _read_config(args: argparse.Namespace) -> tuple[dict, list[str]] | None:
-  """(the unscoped macros the gin files and bindings bind, as text; the macros they
-  declare `%gin.REQUIRED`, in that order), read by gin's parser alone; None where an
-  include is not found here. Raises ConfigError for a missing file or a syntax error."""
+def _read_config(args: argparse.Namespace) -> _Read | None:
+  """What the gin files and bindings bind and declare, read by gin's parser alone; None
+  where an include is not found here. Raises ConfigError for a missing file or a syntax
+  error."""
   files, search = _gin_files(args)
-  macros, required = {}, []
+  read = _Read()
   for path in files:
-    if not _read_file(path, search, macros, required):
+    if not _read_file(path, search, read):
       return None
   bindings = []
   for binding in args.gin_bindings:
@@ -169,20 +180,108 @@ def _read_config(args: argparse.Namespace) -> tuple[dict, list[str]] | None:
       raise ConfigError(f"gin: cannot parse the binding {binding!r} ({reason}); check its "
                         "quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".") from e
     bindings += statements
-  if not _read_statements(bindings, search, macros, required):
+  if not _read_statements(bindings, search, read):
     return None
-  return macros, required
+  return read
 
 
-def check_config(args: argparse.Namespace) -> None:
+# The package's folders whose modules define gin configurables (pyproject's packages).
+_MODULE_FOLDERS = ("", "model", "kernels", "partitioning", "tasks", "trainer", "export")
+
+
+def _is_configurable(decorator) -> str | bool:
+  """A `@gin.configurable` / `@gin.register` decorator: its explicit name, else True."""
+  call = decorator if isinstance(decorator, ast.Call) else None
+  target = call.func if call else decorator
+  if not (isinstance(target, ast.Attribute) and target.attr in ("configurable", "register")
+          and isinstance(target.value, ast.Name) and target.value.id == "gin"):
+    return False
+  if call and call.args and isinstance(call.args[0], ast.Constant):
+    return call.args[0].value
+  named = [k.value.value for k in (call.keywords if call else ())
+           if k.arg == "name" and isinstance(k.value, ast.Constant)]
+  return named[0] if named else True
+
+
+def _accepted(node) -> set[str] | None:
+  """The parameter names a function or class definition accepts; None where any name
+  may be (**kwargs, or a class whose __init__ is not in its own body or fields)."""
+  if isinstance(node, ast.ClassDef):
+    init = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    if init:
+      return _accepted(init[0])
+    dataclass = any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+    if not dataclass or node.bases:
+      return None
+    return {n.target.id for n in node.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+  if node.args.kwarg is not None:
+    return None
+  a = node.args
+  return {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
+
+
+def _static_configurables() -> dict[str, list[tuple[str, set | None]]]:
+  """short name -> [(the module-qualified name, its parameters or None)] of every
+  `@gin.configurable` in the package's modules, read from their source (no imports)."""
+  found = {}
+  for folder in _MODULE_FOLDERS:
+    directory = os.path.join(PACKAGE_DIR, folder)
+    for name in sorted(os.listdir(directory)):
+      if not name.endswith(".py"):
+        continue
+      with open(os.path.join(directory, name)) as f:
+        tree = ast.parse(f.read())
+      module = ".".join(["ul2x", *([folder] if folder else []), name[:-3]])
+      for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+          for decorator in node.decorator_list:
+            named = _is_configurable(decorator)
+            if named:
+              short = named if isinstance(named, str) else node.name
+              found.setdefault(short, []).append((f"{module}.{short}", _accepted(node)))
+  return found
+
+
+def _where(location) -> str:
+  """gin's way of saying where a binding is."""
+  line = " ".join((location.line_content or "").split())
+  if location.filename:
+    return f'In file "{location.filename}", line {location.line_num} {line}'
+  return f"In bindings string line {location.line_num} {line}"
+
+
+def _check_parameters(statements, known: dict) -> None:
+  """Raises, as gin's full parse would, for the first binding of a parameter that one of
+  our configurables (found in the source, or `known`: name -> parameters of one
+  registered already) does not have; a configurable not ours is left to gin."""
+  index = None
+  for statement in statements:
+    short = statement.selector.rsplit(".", 1)[-1]
+    if short in known:
+      candidates = [(short, known[short])]
+    else:
+      index = _static_configurables() if index is None else index
+      candidates = [(full, accepted) for full, accepted in index.get(short, ())
+                    if f".{full}".endswith(f".{statement.selector}")]
+    if len(candidates) != 1 or candidates[0][1] is None:
+      continue
+    if statement.arg_name not in candidates[0][1]:
+      raise ConfigError(f"gin: Configurable '{statement.selector}' doesn't have a parameter "
+                        f"named '{statement.arg_name}'. {_where(statement.location)}")
+
+
+def check_config(args: argparse.Namespace, known: dict | None = None) -> None:
   """What `load_config` refuses that gin's parser alone can tell, in a fraction of a
   second, before a job imports TensorFlow and seqio (which the configurables of the full
   parse need): a missing gin file, a syntax error, a macro that a file declares
-  `%gin.REQUIRED` and no later file or binding sets."""
+  `%gin.REQUIRED` and no later file or binding sets, and a parameter that one of our
+  configurables does not have (read from the source; `known`: name -> parameters of the
+  job's own function)."""
   read = _read_config(args)
   if read is None:
     return
-  macros, required = read
+  macros = read.macros
 
   def macro_value(name):
     value = macros[name]
@@ -192,7 +291,8 @@ def check_config(args: argparse.Namespace) -> None:
       value = macros[value[1:]]
     return value
 
-  _check_required(macro_value, required)
+  _check_parameters(read.parameters, known or {})  # gin's parse refuses these first
+  _check_required(macro_value, read.required)
 
 
 def load_config(args: argparse.Namespace) -> None:
@@ -211,7 +311,7 @@ def load_config(args: argparse.Namespace) -> None:
 
   read = _read_config(args)  # the declarations, of which gin keeps no trace
   if read is not None:
-    _check_required(lambda name: gin.query_parameter(f"%{name}"), read[1])
+    _check_required(lambda name: gin.query_parameter(f"%{name}"), read.required)
   try:
     gin.finalize()
   except (ValueError, KeyError) as e:
@@ -219,14 +319,14 @@ def load_config(args: argparse.Namespace) -> None:
 
 
 def start_job(argv: list[str], description: str, configurables: str, *, tasks: bool = True,
-              add_flags=None) -> argparse.Namespace:
+              add_flags=None, known: dict | None = None) -> argparse.Namespace:
   """What every CLI job does before its work: parse the flags, start multi-host JAX,
   register the default seqio tasks (with the TFDS directory) when the job reads data,
   import the module `configurables`, whose imports register every gin configurable the
   job binds or imports (gin refuses one registered once the config is loaded), and load
   the gin config. `add_flags(parser)` adds the job's own flags."""
   args = parse_flags(argv, description, add_flags)
-  check_config(args)  # seconds before the imports below would
+  check_config(args, known)  # seconds before the imports below would
   from ul2x import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index, timeout_s=args.distributed_timeout,
@@ -255,8 +355,12 @@ def run_job(job, argv: list[str], description: str, configurables: str, *,
   the job module as `__main__`, and a decorator would register the function again
   wherever the module is imported by name, making `infer.*` bindings ambiguous.
   Registering the same function again (each `main(argv)` in one process) is allowed."""
-  configured = gin.configurable(name or job.__name__)(job)
-  start_job(argv, description, configurables)
+  name = name or job.__name__
+  configured = gin.configurable(name)(job)
+  kinds = [p.kind for p in inspect.signature(job).parameters.values()]
+  accepted = None if inspect.Parameter.VAR_KEYWORD in kinds else set(
+      inspect.signature(job).parameters)
+  start_job(argv, description, configurables, known={name: accepted})
   return configured()
 
 

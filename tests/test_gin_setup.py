@@ -4,6 +4,7 @@ default verbosity holds its own lines only."""
 
 import argparse
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -22,6 +23,9 @@ BAD = [
     ("ul2x.eval", [TINY, "--gin_file=nope.gin"]),
     ("ul2x.export.__main__", [TINY, "--gin_file=gin_configs/runs/export.gin",
                               "--gin.CHECKPOINT_PATH=/tmp/x"]),
+    ("ul2x.infer", [TINY, "--gin_file=gin_configs/runs/infer.gin", "--gin.infer.bogus=1"]),
+    ("ul2x.train", [TINY, "--gin_file=gin_configs/runs/pretrain.gin",
+                    "--gin.TransformerConfig.emb_dims=64"]),
 ]
 SEARCH = list(dict.fromkeys([os.getcwd(), gin_setup.PACKAGE_DIR]))
 SCRIPT = f"""
@@ -48,7 +52,35 @@ def test_config_errors_come_before_the_heavy_imports():
       "--gin_file or add its directory to --gin_search_paths.",
       "error: gin: cannot parse the binding 'CHECKPOINT_PATH = /tmp/x' (Unable to parse "
       "value); check its quotes and brackets: --gin.NAME=VALUE, a string as \"'text'\".",
+      "error: gin: Configurable 'infer' doesn't have a parameter named 'bogus'. In bindings "
+      "string line 1 infer.bogus = 1",
+      "error: gin: Configurable 'TransformerConfig' doesn't have a parameter named "
+      "'emb_dims'. In bindings string line 1 TransformerConfig.emb_dims = 64",
   ]
+
+
+def test_the_source_read_of_parameters_accepts_every_gin_file_of_ours():
+  """`check_config`'s unknown-parameter check reads our configurables from their source:
+  every binding in gin_configs/ passes it, and a wrong name in a file is named there."""
+  read = gin_setup._Read()
+  for path in sorted(pathlib.Path(gin_setup.PACKAGE_DIR, "gin_configs").rglob("*.gin")):
+    assert gin_setup._read_file(str(path), [gin_setup.PACKAGE_DIR], read), path
+  assert len(read.parameters) > 50
+  gin_setup._check_parameters(read.parameters, {})
+  configurables = gin_setup._static_configurables()
+  assert {"train", "TransformerConfig", "create_mesh", "export", "LmEvalHook"} <= set(configurables)
+
+
+def test_a_wrong_parameter_in_a_file_is_named_before_the_imports(tmp_path):
+  (tmp_path / "typo.gin").write_text("A = 1\nscoped/create_mesh.dta = 2\nother.x = 1\n")
+  with pytest.raises(gin_setup.ConfigError, match=(
+      r"gin: Configurable 'create_mesh' doesn't have a parameter named 'dta'. In file "
+      rf"\"{tmp_path}/typo.gin\", line 2 scoped/create_mesh.dta = 2")):
+    gin_setup.check_config(_args(tmp_path, "typo.gin"))
+  # Not ours (left to gin's full parse), and a job's own function passed as `known`.
+  gin_setup.check_config(_args(tmp_path, bindings=["other.x = 1", "create_mesh.data = 2"]))
+  with pytest.raises(gin_setup.ConfigError, match="'job' doesn't have a parameter named 'y'"):
+    gin_setup.check_config(_args(tmp_path, bindings=["job.y = 1"]), known={"job": {"x"}})
 
 
 def _args(tmp_path, *gin_files, bindings=(), required=()):
@@ -62,7 +94,7 @@ def test_required_macros_are_read_without_the_configurables(tmp_path):
   """Includes, macros bound to macros, scopes, bindings over files: as gin reads them."""
   (tmp_path / "run.gin").write_text(
       "include 'base.gin'\nimport not_a_module\nA = %B\nscoped/C = 1\n"
-      "train.x = @not_registered()\n")
+      "not_ours.x = @not_registered()\n")
   (tmp_path / "base.gin").write_text("B = %gin.REQUIRED\nC = %gin.REQUIRED\nD = None\n")
   check = gin_setup.check_config
   for required, bindings, unset in [(("A",), (), "A"), (("C",), (), "C"),

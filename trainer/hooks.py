@@ -137,8 +137,8 @@ class LmEvalHook(PeriodicHook):
                         max_gen_toks=max_gen_toks, mode_token=mode_token, prefix_lm=prefix_lm)
     from ul2x.trainer import lm_eval_model  # lm-eval, an extra: only where a run asks for it
     self.lm_eval_model = lm_eval_model
-    lm_eval_model.check_tasks(lm_eval_model.TaskManager(include_path=include_path),
-                              self.tasks, include_path)
+    self.task_manager = lm_eval_model.TaskManager(include_path=include_path)  # indexed once
+    lm_eval_model.check_tasks(self.task_manager, self.tasks, include_path)
     self.writer = None
 
   def run(self, info: StepInfo) -> None:
@@ -155,7 +155,8 @@ class LmEvalHook(PeriodicHook):
         output_path=os.path.join(directory, f"step-{info.step}"))
     results = self.lm_eval_model.evaluate(
         lm, self.tasks, include_path=self.include_path, num_fewshot=self.num_fewshot,
-        limit=self.limit, tracker=tracker, model_name=f"step-{info.step}")
+        limit=self.limit, tracker=tracker, model_name=f"step-{info.step}",
+        task_manager=self.task_manager)
     if jax.process_index() == 0:
       tracker.save_results_aggregated(results=results, samples=None)
     scalars = {f"{task}/{k.split(',')[0]}": float(v)

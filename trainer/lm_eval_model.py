@@ -216,13 +216,16 @@ def check_tasks(task_manager: TaskManager, tasks: list[str], include_path: str |
 def evaluate(lm: UL2XLM, tasks: list[str], *, include_path: str | None = None,
              num_fewshot: int | None = None, limit: int | None = None,
              log_samples: bool = False, tracker: EvaluationTracker | None = None,
-             model_name: str = "ul2x") -> dict:
-  """lm-eval's `simple_evaluate` of `lm` on `tasks` -> its results dict."""
-  if include_path is not None and not os.path.isdir(include_path):
-    raise ValueError(f"LM_EVAL_INCLUDE_PATH {include_path!r} is not a directory; pass the "
-                     "directory that holds your task YAML files.")
-  task_manager = TaskManager(include_path=include_path)
-  check_tasks(task_manager, tasks, include_path)
+             model_name: str = "ul2x", task_manager: TaskManager | None = None) -> dict:
+  """lm-eval's `simple_evaluate` of `lm` on `tasks` -> its results dict. `task_manager`:
+  one that has already indexed `include_path` and checked `tasks` (a training hook's,
+  kept between runs), else one is made here."""
+  if task_manager is None:
+    if include_path is not None and not os.path.isdir(include_path):
+      raise ValueError(f"LM_EVAL_INCLUDE_PATH {include_path!r} is not a directory; pass the "
+                       "directory that holds your task YAML files.")
+    task_manager = TaskManager(include_path=include_path)
+    check_tasks(task_manager, tasks, include_path)
   return lm_eval.simple_evaluate(
       model=lm, model_args={"path": model_name}, tasks=list(tasks), num_fewshot=num_fewshot,
       limit=limit, log_samples=log_samples, task_manager=task_manager,
