@@ -137,8 +137,7 @@ class LmEvalHook(PeriodicHook):
                         max_gen_toks=max_gen_toks, mode_token=mode_token, prefix_lm=prefix_lm)
     from ul2x.trainer import lm_eval_model  # lm-eval, an extra: only where a run asks for it
     self.lm_eval_model = lm_eval_model
-    self.task_manager = lm_eval_model.TaskManager(include_path=include_path)  # indexed once
-    lm_eval_model.check_tasks(self.task_manager, self.tasks, include_path)
+    self.task_manager = lm_eval_model.find_tasks(self.tasks, include_path)  # indexed once
     self.writer = None
 
   def run(self, info: StepInfo) -> None:

@@ -213,6 +213,22 @@ def check_tasks(task_manager: TaskManager, tasks: list[str], include_path: str |
                      "of your task YAML files.")
 
 
+def find_tasks(tasks: list[str], include_path: str | None) -> TaskManager:
+  """lm-eval's index of `tasks`, checked: of the YAML files under `include_path` alone
+  where they hold every task (indexing lm-eval's own ~15,000 tasks takes seconds), else
+  of those and lm-eval's own. Raises in one line naming a task found in neither."""
+  if include_path is not None and not os.path.isdir(include_path):
+    raise ValueError(f"LM_EVAL_INCLUDE_PATH {include_path!r} is not a directory; pass the "
+                     "directory that holds your task YAML files.")
+  if include_path is not None:
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+      return local
+  manager = TaskManager(include_path=include_path)
+  check_tasks(manager, tasks, include_path)
+  return manager
+
+
 def evaluate(lm: UL2XLM, tasks: list[str], *, include_path: str | None = None,
              num_fewshot: int | None = None, limit: int | None = None,
              log_samples: bool = False, tracker: EvaluationTracker | None = None,
@@ -220,12 +236,7 @@ def evaluate(lm: UL2XLM, tasks: list[str], *, include_path: str | None = None,
   """lm-eval's `simple_evaluate` of `lm` on `tasks` -> its results dict. `task_manager`:
   one that has already indexed `include_path` and checked `tasks` (a training hook's,
   kept between runs), else one is made here."""
-  if task_manager is None:
-    if include_path is not None and not os.path.isdir(include_path):
-      raise ValueError(f"LM_EVAL_INCLUDE_PATH {include_path!r} is not a directory; pass the "
-                       "directory that holds your task YAML files.")
-    task_manager = TaskManager(include_path=include_path)
-    check_tasks(task_manager, tasks, include_path)
+  task_manager = task_manager or find_tasks(tasks, include_path)
   return lm_eval.simple_evaluate(
       model=lm, model_args={"path": model_name}, tasks=list(tasks), num_fewshot=num_fewshot,
       limit=limit, log_samples=log_samples, task_manager=task_manager,
