@@ -2,8 +2,8 @@
 
 Per job (train, infer, eval, export): the seconds from starting `python -m ul2x.<job>`
 to its exit on a config error that gin's parser alone can tell (an unset required macro;
-a binding that does not parse), to its exit on one that needs the job's configurables
-(an unknown parameter: TensorFlow and seqio imported first), and to its first line on
+a binding that does not parse), to its exit on an unknown parameter (read from the
+configurables' source, also before the imports), and to its first line on
 stdout in a run that works. Against `python -c "import jax"` and `python -c "import
 seqio"` in the same run. The median of --repeats runs each, one process at a time, on 2
 simulated CPU devices; infer, eval and export read a 2-step tiny run trained first (whose
