@@ -170,7 +170,9 @@ def test_model_with_flash_equals_reference(monkeypatch, architecture):
   flash_loss, flash_grads = loss_and_grads(
       dict(data=2, tensor=2), dataclasses.replace(cfg, attention="flash"), batch)
   np.testing.assert_allclose(float(flash_loss), float(loss), rtol=1e-5)
-  jax.tree.map(lambda g, f: np.testing.assert_allclose(f, g, rtol=1e-4, atol=2e-6),
+  # float32 sums in another order: with the tests' LLVM level 1 (conftest.py), jax 0.12.1
+  # put one of 1,024 gradients 3.8e-6 off (2e-6 allowed until then).
+  jax.tree.map(lambda g, f: np.testing.assert_allclose(f, g, rtol=1e-4, atol=5e-6),
                jax.device_get(grads), jax.device_get(flash_grads))
 
 
