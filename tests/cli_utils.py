@@ -5,6 +5,7 @@ costs seconds of imports; one real subprocess per entry point stays in the suite
 import contextlib
 import importlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -52,3 +53,9 @@ def one_line_error(result, *fragments) -> str:
   for fragment in fragments:
     assert fragment in errors[0], errors[0]
   return errors[0]
+
+
+def rows(path) -> list[dict]:
+  """The rows of a job's JSONL output (infer's predictions, eval's metrics)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_utils import cpu_env, one_line_error, run_job
+from cli_utils import cpu_env, one_line_error, rows, run_job
 
 # Two simulated devices (data=2): a sharded batch at a fraction of eight devices' cost.
 # The Makefile runs pytest with --dist loadfile, so the trained fixture is built once.
@@ -37,11 +37,6 @@ def infer_args(checkpoint, out) -> list[str]:
 
 def infer(checkpoint, out, *args):
   return cli("infer", *infer_args(checkpoint, out), *args)
-
-
-def rows(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

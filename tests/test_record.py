@@ -8,17 +8,12 @@ import os
 import shutil
 
 import pytest
-from cli_utils import one_line_error, run_job
+from cli_utils import one_line_error, rows, run_job
 
 from ul2x.trainer import checkpoints, integrity, record
 
 LENGTHS = {"inputs": 8, "targets": 8}
 SHORT = "--gin.TASK_FEATURE_LENGTHS={'inputs': 5, 'targets': 8}"  # cuts inputs past 3 letters
-
-
-def rows(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
